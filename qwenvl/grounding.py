@@ -1,0 +1,376 @@
+"""Boxes and referring expressions: list format, parsing, formatting, pixel conversion, drawing.
+
+Qwen-VL (v1) writes a box as `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>`: top-left and bottom-right corners,
+integers normalised to [0, 1000) (qwen_vl.md §7.7). Two families of functions live here:
+
+* the official helpers, with the official semantics and errors (`from_list_format`, `to_list_format`,
+  `_fetch_latest_picture`, `_fetch_all_box_with_ref`, `draw_bbox_on_latest_picture`);
+* robust ones for model output and the API (`Box`, `parse_boxes` never raises, `format_box(es)`,
+  `strip_grounding`, `to_pixels` / `from_pixels`, `draw_boxes`).
+
+Box syntax is chosen by `BoxFormat`; only v1 (`BoxFormat.QWEN_VL`) exists so far. Qwen2-VL's
+`<|box_start|>` format is a new entry in `_FORMATS`, not a new parser.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from qwenvl.tokenizer import (
+    BOX_END,
+    BOX_START,
+    ENDOFTEXT,
+    IMAGE_ST,
+    IMG_END,
+    IMG_START,
+    QUAD_END,
+    QUAD_START,
+    REF_END,
+    REF_START,
+    SPECIAL_TOKENS,
+)
+
+NORM_MAX = 999  # largest coordinate of the [0, 1000) space
+
+
+class BoxFormat(enum.Enum):
+    """How boxes are written in text."""
+
+    QWEN_VL = "qwen_vl"  # <ref>r</ref><box>(x1,y1),(x2,y2)</box>, ints in [0, 1000)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box in the normalised [0, 1000) space: (x1, y1) top-left, (x2, y2) bottom-right; `ref` its phrase."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    ref: str | None = None
+
+
+# ------------------------------------------------------------------------ official list format
+
+_OPENERS = {IMG_START: ("image", IMG_END), REF_START: ("ref", REF_END), BOX_START: ("box", BOX_END),
+            QUAD_START: ("quad", QUAD_END)}
+# to_list_format encodes with allowed_special = IMAGE_ST + (<|endoftext|>,) and tiktoken's default
+# disallowed_special="all": every other special surface form in the text is an error.
+_LIST_ALLOWED = IMAGE_ST + (ENDOFTEXT,)
+_LIST_ALLOWED_RE = re.compile("|".join(re.escape(t) for t in _LIST_ALLOWED))
+_LIST_DISALLOWED_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS if t not in _LIST_ALLOWED))
+
+
+def from_list_format(list_format: Iterable[dict[str, Any]]) -> str:
+    """Official `from_list_format`: list of {'image'|'text'|'box'(+'ref')} dicts -> prompt text.
+
+    Example: `[{"image": "a.jpg"}, {"text": "Hi"}, {"ref": "dog", "box": [[1, 2, 3.9, 4]]}]`
+    -> `"Picture 1: <img>a.jpg</img>\\nHi<ref>dog</ref><box>(1,2),(3,4)</box>"` (numbers written with %d).
+    """
+    text, n_images = "", 0
+    for ele in list_format:
+        if "image" in ele:
+            n_images += 1
+            text += f"Picture {n_images}: " + IMG_START + ele["image"] + IMG_END + "\n"  # latest revision: space
+        elif "text" in ele:
+            text += ele["text"]
+        elif "box" in ele:
+            if "ref" in ele:
+                text += REF_START + ele["ref"] + REF_END
+            text += "".join(BOX_START + _coords_text(box) + BOX_END for box in ele["box"])
+        else:
+            raise ValueError(f"Unsupport element: {ele} (expected a dict with 'image', 'text' or 'box')")
+    return text
+
+
+def _coords_text(box: Sequence[float]) -> str:
+    """`[500.7, 1.2, 999, 998]` -> `"(500,1),(999,998)"` (%d truncates toward zero, as official)."""
+    if len(box) != 4:
+        raise ValueError(f"a box needs exactly 4 numbers x1,y1,x2,y2, got {box!r}")
+    return "(%d,%d),(%d,%d)" % tuple(box)
+
+
+def to_list_format(text: str) -> list[dict[str, str]]:
+    """Official `to_list_format`: text -> [{'text'|'image'|'ref'|'box'|'quad': str}, ...].
+
+    Example: `"Picture 1: <img>a.jpg</img>\\nWhat?"` ->
+    `[{"text": "Picture 1: "}, {"image": "a.jpg"}, {"text": "\\nWhat?"}]`.
+    Works on the text (the official goes through token ids; same result): NFC first, an opening tag pairs
+    with the first matching closing tag after it, an unclosed one raises, and `<|im_start|>`,
+    `<|im_end|>`, `<|extra_N|>` in the text raise ValueError as tiktoken's disallowed-special check does.
+    """
+    text = unicodedata.normalize("NFC", text)
+    if bad := _LIST_DISALLOWED_RE.search(text):
+        raise ValueError(f"Encountered text corresponding to disallowed special token {bad.group()!r}.")
+    tags = list(_LIST_ALLOWED_RE.finditer(text))
+    out: list[dict[str, str]] = []
+    pos, k = 0, 0
+    while k < len(tags):
+        if tags[k].group() not in _OPENERS:
+            k += 1
+            continue
+        key, closer = _OPENERS[tags[k].group()]
+        j = next((j for j in range(k + 1, len(tags)) if tags[j].group() == closer), None)
+        if j is None:  # the official message says "image" for every tag kind
+            raise ValueError(f"Unclosed image token: {tags[k].group()} at character {tags[k].start()}")
+        _append_text(out, text[pos : tags[k].start()])
+        out.append({key: text[tags[k].end() : tags[j].start()]})
+        pos, k = tags[j].end(), j + 1
+    _append_text(out, text[pos:])
+    return out
+
+
+def _append_text(out: list[dict[str, str]], text: str) -> None:
+    if text:  # the official drops empty text elements
+        out.append({"text": text})
+
+
+def _fetch_latest_picture(response: str, history: Sequence[Sequence[str | None]] | None) -> str | None:
+    """Official: the last image in `response`, else in the newest earlier QUERY (responses are not searched).
+
+    Example: `_fetch_latest_picture("no image", [("Picture 1: <img>a.jpg</img>", "see <img>r.jpg</img>")])`
+    -> `"a.jpg"`.
+    """
+    turns = list(history or []) + [(response, None)]
+    for query, _ in reversed(turns):
+        for ele in reversed(to_list_format(query)):
+            if "image" in ele:
+                return ele["image"]
+    return None
+
+
+def _fetch_all_box_with_ref(text: str) -> list[dict[str, Any]]:
+    """Official: every `<box>` as `{'box': (x1, y1, x2, y2)}`, plus `'ref'` (stripped) when a ref is right before.
+
+    Example: `"<ref> dog</ref><box>(1,2),(3,4)</box><box>(5,6),(7,8)</box>"` ->
+    `[{"box": (1, 2, 3, 4), "ref": "dog"}, {"box": (5, 6, 7, 8)}]` (only the first box gets the ref).
+    Raises ValueError on a box that is not 4 integers (use `parse_boxes` for untrusted model output).
+    """
+    elements = to_list_format(text)
+    output: list[dict[str, Any]] = []
+    for i, ele in enumerate(elements):
+        if "box" not in ele:
+            continue
+        coords = tuple(int(v) for v in ele["box"].replace("(", "").replace(")", "").split(","))
+        if len(coords) != 4:
+            raise ValueError(f"box {ele['box']!r} has {len(coords)} numbers, expected 4")
+        output.append({"box": coords})
+        if i > 0 and "ref" in elements[i - 1]:
+            output[-1]["ref"] = elements[i - 1]["ref"].strip()
+    return output
+
+
+# ------------------------------------------------------------------------------ robust parsing
+
+
+@dataclass(frozen=True)
+class _FormatSpec:
+    tag_re: re.Pattern[str]  # group 1: "/" or "", group 2: the element kind
+    box_re: re.Pattern[str]  # fullmatch of a box body, groups = x1, y1, x2, y2
+
+
+_FORMATS = {
+    BoxFormat.QWEN_VL: _FormatSpec(
+        tag_re=re.compile(r"<(/?)(ref|box|quad)>"),
+        # ASCII digits only (\d would accept "３"); at most 6 so int() is cheap and never refuses.
+        box_re=re.compile(r"\s*\(\s*([0-9]{1,6})\s*,\s*([0-9]{1,6})\s*\)\s*,\s*\(\s*([0-9]{1,6})\s*,\s*([0-9]{1,6})\s*\)\s*"),
+    ),
+}
+
+
+def _closed_elements(text: str, spec: _FormatSpec) -> Iterator[tuple[str, str, int, int]]:
+    """(kind, body, start, end) for each opening tag whose NEXT tag is its closing tag; other tags are skipped.
+
+    Example: `"<ref>a</ref><box>x"` yields only `("ref", "a", 0, 12)`: the unclosed box is not an element.
+    """
+    tags = list(spec.tag_re.finditer(text))
+    k = 0
+    while k < len(tags):
+        m = tags[k]
+        nxt = tags[k + 1] if k + 1 < len(tags) else None
+        if not m.group(1) and nxt is not None and nxt.group(1) and nxt.group(2) == m.group(2):
+            yield m.group(2), text[m.end() : nxt.start()], m.start(), nxt.end()
+            k += 2
+        else:
+            k += 1
+
+
+def parse_boxes(text: str, fmt: BoxFormat = BoxFormat.QWEN_VL) -> list[Box]:
+    """All well-formed boxes in `text`, each with the `<ref>` it belongs to. Never raises on any string.
+
+    A ref applies to the run of boxes that follows it with only whitespace in between (that is how
+    `from_list_format` writes several boxes for one ref). Malformed boxes (unclosed, nested, non-numeric,
+    negative, more than 6 digits) are skipped. Example:
+    `parse_boxes("<ref> dog</ref><box>(1,2),(3,4)</box> <box>(5,6),(7,8)</box> and <box>(9,9),(9,9)</box>")`
+    -> `[Box(1, 2, 3, 4, "dog"), Box(5, 6, 7, 8, "dog"), Box(9, 9, 9, 9, None)]`.
+    """
+    spec = _FORMATS[fmt]
+    boxes: list[Box] = []
+    ref, last_end = None, 0
+    for kind, body, start, end in _closed_elements(text, spec):
+        if text[last_end:start].strip():  # text (or a stray tag) between: the ref's run of boxes ended
+            ref = None
+        if kind == "ref":
+            ref = body.strip() or None
+        elif kind == "box":
+            if m := spec.box_re.fullmatch(body):
+                boxes.append(Box(*(int(g) for g in m.groups()), ref=ref))
+        else:  # a quad is not a Box; it also ends the run
+            ref = None
+        last_end = end
+    return boxes
+
+
+def format_box(box: Box, fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
+    """`Box(1, 2, 3, 4, "dog")` -> `"<ref>dog</ref><box>(1,2),(3,4)</box>"` (no ref tag when ref is None)."""
+    _FORMATS[fmt]  # unknown formats fail here
+    ref = REF_START + box.ref + REF_END if box.ref is not None else ""
+    return ref + BOX_START + _coords_text((box.x1, box.y1, box.x2, box.y2)) + BOX_END
+
+
+def format_boxes(boxes: Iterable[Box], fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
+    """Consecutive boxes with the same ref share one `<ref>`, so `parse_boxes(format_boxes(b)) == b`.
+
+    Example: `[Box(1, 2, 3, 4, "a"), Box(5, 6, 7, 8, "a")]` ->
+    `"<ref>a</ref><box>(1,2),(3,4)</box><box>(5,6),(7,8)</box>"`.
+    """
+    parts, prev = [], object()
+    for box in boxes:
+        same_run = box.ref is not None and box.ref == prev
+        parts.append(format_box(Box(box.x1, box.y1, box.x2, box.y2) if same_run else box, fmt))
+        prev = box.ref
+    return "".join(parts)
+
+
+_REF_WITH_BOXES = re.compile(r"<ref>(.*?)</ref>(?:<box>.*?</box>)*(?:<quad>.*?</quad>)*")  # TUTORIAL.md
+_BOX_OR_QUAD = re.compile(r"<(box|quad)>.*?(?:</\1>|$)", re.DOTALL)  # web demo; also an unfinished tail
+
+
+def strip_grounding(text: str) -> str:
+    """Text for display: keep ref phrases, drop boxes, quads and stray ref tags.
+
+    Example: `"<ref> Woman</ref><box>(451,379),(731,806)</box> and her dog<box>(1,2"` -> `" Woman and her dog"`.
+    """
+    text = _REF_WITH_BOXES.sub(r"\1", text)
+    text = _BOX_OR_QUAD.sub("", text)
+    return text.replace(REF_START, "").replace(REF_END, "")
+
+
+# ------------------------------------------------------------------------- pixel conversion
+
+
+def _check_scale(scale: int) -> None:
+    if scale not in (999, 1000):
+        raise ValueError(
+            f"{scale=}: use 1000 (official drawing, x * W / 1000) or 999 (official grounding eval, x / 999 * W)"
+        )
+
+
+def _clamp(v: float, lo: float, hi: float) -> float:
+    return min(max(v, lo), hi)
+
+
+def to_pixels(box: Box, width: int, height: int, scale: int = 1000) -> tuple[float, float, float, float]:
+    """Normalised box -> pixel (x1, y1, x2, y2), clamped to the image and ordered so x1 <= x2, y1 <= y2.
+
+    `scale` is the divisor: 1000 is what the official drawing uses (so 999 maps to 0.999 * W), 999 is what
+    the official grounding evaluation uses (999 maps to W). Example on a 640 x 480 image:
+    `to_pixels(Box(500, 250, 999, 999), 640, 480)` -> `(320.0, 120.0, 639.36, 479.52)`;
+    with `scale=999` -> `(320.32..., 120.12..., 640.0, 480.0)`.
+    """
+    _check_scale(scale)
+    xs = sorted(_clamp(v / scale * width, 0, width) for v in (box.x1, box.x2))  # divide first, as official
+    ys = sorted(_clamp(v / scale * height, 0, height) for v in (box.y1, box.y2))
+    return xs[0], ys[0], xs[1], ys[1]
+
+
+def from_pixels(
+    x1: float, y1: float, x2: float, y2: float, width: int, height: int, scale: int = 1000, ref: str | None = None
+) -> Box:
+    """Pixel box -> normalised Box: round to nearest, clamp to [0, 999], order the corners.
+
+    Example on 640 x 480: `from_pixels(320, 120, 640, 480, 640, 480)` -> `Box(500, 250, 999, 999)`
+    (640 / 640 * 1000 = 1000 is clamped to 999); with `scale=999` -> `Box(500, 250, 999, 999)` too
+    (320 / 640 * 999 = 499.5 rounds up to 500). Inverse of `to_pixels` for the same scale.
+    """
+    _check_scale(scale)
+
+    def norm(p: float, size: int) -> int:
+        return int(_clamp(math.floor(p / size * scale + 0.5), 0, NORM_MAX))
+
+    xa, xb = sorted((norm(x1, width), norm(x2, width)))
+    ya, yb = sorted((norm(y1, height), norm(y2, height)))
+    return Box(xa, ya, xb, yb, ref)
+
+
+# ---------------------------------------------------------------------------------- drawing
+
+# matplotlib's TABLEAU_COLORS (what the official drawing picks from), in order instead of at random.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+
+
+def _colours(boxes: Sequence[Box]) -> dict[str | None, str]:
+    """One palette colour per distinct ref, in order of first appearance. Example: refs a, b, a -> 2 colours."""
+    colours: dict[str | None, str] = {}
+    for box in boxes:
+        colours.setdefault(box.ref, PALETTE[len(colours) % len(PALETTE)])
+    return colours
+
+
+def _font_size(width: int, height: int) -> int:
+    """Official Visualizer rule: sqrt(W * H) // 30, at least 15. Example: 640 x 480 -> 18."""
+    return max(int(math.sqrt(width * height) // 30), 15)
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Box], scale: int = 1000) -> Image.Image:
+    """A copy of `image` with a rectangle per box and its ref label at the top-left (CJK-capable font).
+
+    Pixel corners are truncated to ints as the official drawing does (`int(x / 1000 * w)`).
+    """
+    from qwenvl.fonts import load_font
+
+    out = image.convert("RGB")  # always a new image: the caller's image is not touched
+    draw = ImageDraw.Draw(out)
+    size = _font_size(*out.size)
+    font, line = load_font(size), max(size // 4, 1)
+    colours = _colours(boxes)
+    for box in boxes:
+        x1, y1, x2, y2 = (int(v) for v in to_pixels(box, out.width, out.height, scale))
+        draw.rectangle((x1, y1, x2, y2), outline=colours[box.ref], width=line)
+        if box.ref:
+            _draw_label(draw, box.ref, (x1, y1), colours[box.ref], font)
+    return out
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int], colour: str, font: Any) -> None:
+    """Text on a black background, top-left at `xy` (the official draws on black, alpha 0.8)."""
+    left, top, right, bottom = draw.textbbox(xy, text, font=font)
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill="black")
+    draw.text(xy, text, fill=colour, font=font)
+
+
+def draw_bbox_on_latest_picture(
+    response: str,
+    history: Sequence[Sequence[str | None]] | None = None,
+    load_image: Callable[[str], Image.Image] | None = None,
+) -> Image.Image | None:
+    """Draw the boxes of `response` on the latest picture (see `_fetch_latest_picture`); None if either is missing.
+
+    `load_image(source) -> PIL.Image` defaults to `qwenvl.images.load_image` (its policy decides which paths
+    and URLs are allowed). Returns a PIL image (it has `.save()`, like the official VisImage).
+    """
+    source = _fetch_latest_picture(response, history)
+    boxes = parse_boxes(response)
+    if source is None or not boxes:
+        return None
+    if load_image is None:
+        from qwenvl.images import load_image
+    return draw_boxes(load_image(source), boxes)

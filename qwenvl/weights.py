@@ -1,0 +1,173 @@
+"""Checkpoint files: the only module that knows file formats and the official key names.
+
+Our module tree uses the official names (`transformer.wte.weight`, `transformer.h.N.attn.c_attn.weight`,
+`transformer.visual.attn_pool.pos_embed`, `lm_head.weight`, ...; qwen_vl.md §3.2), so a state dict
+loads as is. The model is built on the meta device and each tensor is materialised once, in the target
+dtype, straight from the (memory-mapped) file: peak memory is the model plus one tensor.
+
+Supported layouts: `model.safetensors`; sharded safetensors with `model.safetensors.index.json`;
+`pytorch_model.bin` and its sharded index (read with `weights_only=True`, never unpickling code).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import GenerationConfig, QWenConfig
+from .model import QWenLMHeadModel
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The files in a checkpoint directory do not make a model this code can load."""
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in the order their index lists them."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is not a directory (expected a checkpoint folder with config.json)")
+    for index, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        if (d / index).is_file():
+            return _files_from_index(d, d / index)
+        if (d / single).is_file():
+            return [d / single]
+    raise CheckpointError(f"no weights in {d}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+
+def _files_from_index(d: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map'): {e}") from None
+    files = [d / name for name in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index.name} lists shards that are missing: {missing}")
+    return files
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor) pairs of one weight file, lazily (safetensors) or memory-mapped (.bin)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle; name the file
+        raise CheckpointError(f"cannot read {path} as a weights-only PyTorch file: {e}") from None
+    yield from state.items()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: QWenConfig) -> torch.dtype:
+    """The compute dtype: explicit, else float32 for float32 checkpoints and bfloat16 for half ones.
+
+    float16 checkpoints run in bfloat16 by default on CPU (fp16 matmuls are slow there and overflow-prone).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if config.torch_dtype in ("float32", "fp32") else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load_config(model_dir: str | Path) -> QWenConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: is this a Qwen-VL checkpoint folder?")
+    return QWenConfig.from_json(path)
+
+
+def load_generation_config(model_dir: str | Path) -> GenerationConfig:
+    path = Path(model_dir) / "generation_config.json"
+    return GenerationConfig.from_json(path) if path.is_file() else GenerationConfig()
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto") -> QWenLMHeadModel:
+    """Build the model on the meta device and fill it from the checkpoint, checking every tensor."""
+    config = load_config(model_dir)
+    dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    load_into(model, checkpoint_files(model_dir), dtype)
+    return model.eval()
+
+
+def load_into(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
+    """Materialise `model`'s (meta) parameters from `files`; refuse missing/unexpected/mis-shaped keys."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    unexpected, misshaped = [], []
+    for path in files:
+        for key, tensor in iter_tensors(path):
+            if key not in expected:
+                unexpected.append(key)
+            elif tensor.shape != expected[key]:
+                misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key])}")
+            else:
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing = sorted(set(expected) - set(state) - set(unexpected))
+    _raise_if_bad(files[0].parent, missing, unexpected, misshaped)
+    model.load_state_dict(state, strict=True, assign=True)
+    _restore_frozen(model)
+
+
+def _raise_if_bad(d: Path, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {d} does not match its config.json — " + "; ".join(problems))
+
+
+def _restore_frozen(model: nn.Module) -> None:
+    # assign=True replaces Parameters with the loaded tensors' requires_grad; keep the table frozen.
+    for name, p in model.named_parameters():
+        if name.endswith("attn_pool.pos_embed"):
+            p.requires_grad_(False)
+
+
+def save_checkpoint(model: QWenLMHeadModel, out_dir: str | Path, generation_config: GenerationConfig | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config.json (+ generation_config.json) and model.safetensors in the official layout, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)))
+    if generation_config is not None:
+        text = json.dumps(generation_config.to_dict(), indent=2)
+        _atomic_write(out / "generation_config.json", lambda p: p.write_text(text))
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
