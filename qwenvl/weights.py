@@ -171,3 +171,11 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_random_checkpoint(config: QWenConfig, out_dir: str | Path, seed: int = 0,
+                           generation_config: GenerationConfig | None = None) -> Path:
+    """A randomly initialised model written in the official layout (demos, tests, benchmarks)."""
+    model = QWenLMHeadModel(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return save_checkpoint(model, out_dir, generation_config or GenerationConfig())
