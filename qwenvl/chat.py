@@ -17,6 +17,7 @@ from .config import GenerationConfig
 from .generation import generate_stream
 from .model import QWenLMHeadModel
 from .sampling import SamplingParams
+from .tokenizer import image_paths_in_ids
 
 DEFAULT_SYSTEM = "You are a helpful assistant."   # what model.chat sends; make_context's own default is ""
 History = list[tuple[str, str | None]]
@@ -118,30 +119,6 @@ def sampling_params(gen: GenerationConfig, stop_words_ids: Sequence[Sequence[int
     if "stop_words_ids" in known:
         known["stop_words_ids"] = tuple(tuple(s) for s in known["stop_words_ids"])
     return replace(params, **known)
-
-
-def image_paths_in_ids(ids: Sequence[int], image_start_id: int) -> list[str]:
-    """Paths carried by byte spans `<img> b0 b1 ... <imgpad>... </img>` (id == byte value), in order.
-
-    Example (start 997, pad 999): [5, 997, 97, 46, 112, 999, 999, 998] -> ["a.p"].
-    """
-    paths, pad, end = [], image_start_id + 2, image_start_id + 1
-    i = 0
-    while i < len(ids):
-        if ids[i] != image_start_id:
-            i += 1
-            continue
-        j = i + 1
-        while j < len(ids) and ids[j] not in (pad, end):
-            j += 1
-        if j >= len(ids) or ids[j] != pad:
-            raise ValueError("an image span carries no <imgpad> after its path: the path is too long for the span")
-        raw = ids[i + 1:j]
-        if any(b > 255 for b in raw):
-            raise ValueError("an image span holds ids that are not path bytes")
-        paths.append(bytes(raw).decode("utf-8"))
-        i = j
-    return paths
 
 
 def load_span_images(ids: Sequence[int], model: QWenLMHeadModel, policy=None) -> Tensor | None:

@@ -180,7 +180,8 @@ _FORMATS = {
     BoxFormat.QWEN_VL: _FormatSpec(
         tag_re=re.compile(r"<(/?)(ref|box|quad)>"),
         # ASCII digits only (\d would accept "３"); at most 6 so int() is cheap and never refuses.
-        box_re=re.compile(r"\s*\(\s*([0-9]{1,6})\s*,\s*([0-9]{1,6})\s*\)\s*,\s*\(\s*([0-9]{1,6})\s*,\s*([0-9]{1,6})\s*\)\s*"),
+        box_re=re.compile(r"\s*\(\s*(?P<x1>[0-9]{1,6})\s*,\s*(?P<y1>[0-9]{1,6})\s*\)\s*,"
+                          r"\s*\(\s*(?P<x2>[0-9]{1,6})\s*,\s*(?P<y2>[0-9]{1,6})\s*\)\s*"),
     ),
 }
 
@@ -354,7 +355,18 @@ def _draw_label(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int], colou
     """Text on a black background, top-left at `xy` (the official draws on black, alpha 0.8)."""
     left, top, right, bottom = draw.textbbox(xy, text, font=font)
     draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill="black")
-    draw.text(xy, text, fill=colour, font=font)
+    draw.text(xy, text, fill=_label_colour(colour), font=font)
+
+
+def _label_colour(colour: str) -> tuple[int, int, int]:
+    """Brighten a colour for text on black like the official Visualizer (channels >= 0.2, the largest >= 0.8).
+
+    Example: `"#1f77b4"` -> `(51, 119, 204)`.
+    """
+    rgb = [max(int(colour[i : i + 2], 16), 51) for i in (1, 3, 5)]  # 51 = 0.2 * 255
+    top = rgb.index(max(rgb))
+    rgb[top] = max(rgb[top], 204)  # 204 = 0.8 * 255
+    return rgb[0], rgb[1], rgb[2]
 
 
 def draw_bbox_on_latest_picture(

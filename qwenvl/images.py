@@ -43,6 +43,7 @@ from PIL import Image, ImageOps
 __all__ = [
     "ImageError", "ImagePolicy", "TRUSTED", "UNTRUSTED", "ImageSource", "load_image", "to_rgb",
     "preprocess_v1", "preprocess_v1_batch", "image_digest", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
+    "WEB_FORMATS", "COMMON_FORMATS",
 ]
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
@@ -201,11 +202,12 @@ def _read_source(source: object, name: str, policy: ImagePolicy) -> bytes:
     return _read_local(Path(source), name, policy)
 
 
-_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.\-]+):")
+_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.\-]+):")  # 2+ letters, so "C:\\x.png" stays a path
+_URL_SCHEMES = ("http", "https", "file", "ftp", "ftps", "sftp", "gopher", "ws", "wss", "smb", "dict", "ldap")
 
 
 def source_kind(source: str) -> str:
-    """'data', 'url' or 'path': a data: URI, anything with a `scheme://` (or `file:`), or a path.
+    """'data', 'url' or 'path': a data: URI, `scheme://...` or a well-known URL scheme, or a path.
 
     >>> [source_kind(s) for s in ("data:;base64,aGk=", "ftp://h/a.png", "file:/a.png", "C:\\\\a.png", "a:b.png")]
     ['data', 'url', 'url', 'path', 'path']
@@ -216,7 +218,7 @@ def source_kind(source: str) -> str:
     scheme = match.group(1).lower()
     if scheme == "data":
         return "data"
-    if scheme == "file" or source[match.end():].startswith("//"):
+    if scheme in _URL_SCHEMES or source[match.end():].startswith("//"):
         return "url"
     return "path"
 
@@ -240,14 +242,14 @@ def _read_local(path: Path, name: str, policy: ImagePolicy) -> bytes:
                            "policy with allow_local_files=True")
     resolved = _resolve_path(path, name)
     _check_allowed_dir(resolved, name, policy.allowed_dirs)
-    return _read_regular_file(resolved, name, policy.max_bytes)
+    return _read_regular_file(resolved, name, policy.max_bytes, _base64_hint(str(path)))
 
 
 def _resolve_path(path: Path, name: str) -> Path:
     """Absolute path with `~`, `..` and every symlink resolved (what will really be opened)."""
     try:
         return path.expanduser().resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops: RuntimeError before Python 3.13
+    except (OSError, RuntimeError, ValueError) as e:  # loops: RuntimeError before 3.13; NUL: ValueError
         raise _error(name, f"cannot resolve the path ({e})") from e
 
 
@@ -261,24 +263,34 @@ def _check_allowed_dir(resolved: Path, name: str, allowed_dirs: tuple[Path, ...]
                            f"{[str(r) for r in roots]} (symlinks and '..' are resolved before checking)")
 
 
-def _read_regular_file(path: Path, name: str, max_bytes: int) -> bytes:
+def _read_regular_file(path: Path, name: str, max_bytes: int, hint: str = "") -> bytes:
     """Read at most max_bytes + 1 bytes of a regular file, with one clear error per failure."""
-    # O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: the checked path must not become a symlink.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    fd = _open_fd(path, name, hint)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise _error(name, f"file not found ({path}){_base64_hint(name)}") from None
-    except PermissionError:
-        raise _error(name, f"permission denied reading {path}") from None
-    except OSError as e:
-        raise _error(name, f"cannot open {path}: {e.strerror or e}") from None
+        info = os.fstat(fd)
+        _check_regular(info, path, name)
+        _check_byte_count(info.st_size, max_bytes, name, "file")
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        _check_regular(os.fstat(fd), path, name)
-        _check_byte_count(os.fstat(fd).st_size, max_bytes, name, "file")
         data = f.read(max_bytes + 1)
     _check_byte_count(len(data), max_bytes, name, "file")
     return data
+
+
+def _open_fd(path: Path, name: str, hint: str) -> int:
+    """os.open for reading that never hangs on a FIFO and never follows a final symlink."""
+    # The path is already resolved: O_NOFOLLOW catches a symlink swapped in after the check.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise _error(name, f"file not found ({path}){hint}") from None
+    except PermissionError:
+        raise _error(name, f"permission denied reading {path}") from None
+    except OSError as e:
+        raise _error(name, f"cannot open it: {e.strerror or e}{hint}") from None
 
 
 def _check_regular(st: os.stat_result, path: Path, name: str) -> None:
@@ -289,9 +301,9 @@ def _check_regular(st: os.stat_result, path: Path, name: str) -> None:
         raise _error(name, f"{path} is not a regular file (device, FIFO or socket)")
 
 
-def _base64_hint(name: str) -> str:
-    """A hint when a 'path' looks like bare base64 image data."""
-    if len(name) > 100 and "/" not in name[:100] and "\\" not in name:
+def _base64_hint(text: str) -> str:
+    """A hint for error messages when a 'path' looks like bare base64 image data."""
+    if len(text) >= 64 and re.fullmatch(r"[A-Za-z0-9+/=_\-\s]+", text):
         return "; if this is base64 image data, prefix it with 'data:image/png;base64,'"
     return ""
 
@@ -307,6 +319,8 @@ def decode_data_uri(uri: str, max_bytes: int, name: str = "data: URI") -> bytes:
     b'hi'
     """
     header, comma, payload = uri.partition(",")
+    if header[:5].lower() != "data:":
+        raise _error(name, "not a data: URI")
     if not comma:
         raise _error(name, "data URI has no ',' between the header and the data")
     if not any(p.strip().lower() == "base64" for p in header[5:].split(";")):
@@ -326,7 +340,8 @@ def _b64decode(text: str, name: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise _error(name, f"bad base64 data ({e})") from None
+        raise _error(name, f"bad base64 data ({e}); expected only A-Z, a-z, 0-9, '+', '/' "
+                           "and '=' padding after the ','") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,17 +368,18 @@ def parse_http_url(url: str, name: str) -> tuple[str, str, int, str]:
     >>> parse_http_url("https://example.com/a b.png?x=1", "u")
     ('https', 'example.com', 443, '/a%20b.png?x=1')
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        explicit_port = parts.port
+    except ValueError as e:  # bad brackets, non-numeric or out-of-range port
+        raise _error(name, f"malformed URL ({e})") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise _error(name, f"URL scheme {scheme + '://'!r} is not allowed; only http:// and https:// "
                            "URLs are fetched (send local images as a path or a data: URI)")
     if parts.username is not None or parts.password is not None:
         raise _error(name, "URLs with user:password@ credentials are not supported")
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError as e:
-        raise _error(name, f"bad port in URL ({e})") from None
+    port = explicit_port or (443 if scheme == "https" else 80)
     if not parts.hostname:
         raise _error(name, "URL has no host")
     path = urllib.parse.quote(parts.path or "/", safe="/%!$&'()*+,;=:@~")  # non-ASCII, spaces → %XX
@@ -379,7 +395,8 @@ def address_refusal(ip: IPAddress) -> str | None:
     >>> address_refusal(ipaddress.ip_address("93.184.216.34")) is None
     True
     """
-    ip = _embedded_ipv4(ip) or ip
+    embedded = _embedded_ipv4(ip)
+    ip = ip if embedded is None else embedded
     for label in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved", "site_local"):
         if getattr(ip, f"is_{label}", False):
             return label.replace("_", "-")
@@ -390,8 +407,9 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address carried by an IPv4-mapped (::ffff:a.b.c.d), 6to4 or NAT64 IPv6 address."""
     if ip.version == 4:
         return None
-    if ip.ipv4_mapped or ip.sixtofour:
-        return ip.ipv4_mapped or ip.sixtofour
+    for embedded in (ip.ipv4_mapped, ip.sixtofour):
+        if embedded is not None:
+            return embedded
     if ip in _NAT64_PREFIX:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
@@ -425,12 +443,13 @@ def _fetch_once(url: str, name: str, policy: ImagePolicy, deadline: float) -> tu
     addresses = _checked_addresses(host, port, name, policy)
     with _network_errors(name, policy.url_timeout_s):
         conn = _connect(scheme, host, port, addresses, _remaining(deadline))
+        sock = conn.sock  # kept: http.client drops conn.sock once a closing response starts
         try:
             conn.request("GET", target, headers={
                 "User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"})
-            conn.sock.settimeout(_remaining(deadline))
+            sock.settimeout(_remaining(deadline))
             response = conn.getresponse()
-            return _handle_response(response, conn, name, policy, deadline)
+            return _handle_response(response, sock, name, policy, deadline)
         finally:
             conn.close()
 
@@ -440,7 +459,11 @@ def _connect(scheme: str, host: str, port: int, addresses: list[IPAddress],
     """An HTTP(S) connection to the first reachable *checked* address; Host/SNI stay `host`."""
     sock = _connect_socket(addresses, port, timeout)
     if scheme == "https":
-        sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        try:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=timeout)
     else:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -467,7 +490,7 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _handle_response(response: http.client.HTTPResponse, conn: http.client.HTTPConnection, name: str,
+def _handle_response(response: http.client.HTTPResponse, sock: socket.socket, name: str,
                      policy: ImagePolicy, deadline: float) -> tuple[bytes, str | None]:
     """Body of a 200, Location of a redirect, or an ImageError naming the HTTP status."""
     if response.status in _REDIRECT_STATUSES:
@@ -478,10 +501,10 @@ def _handle_response(response: http.client.HTTPResponse, conn: http.client.HTTPC
     if response.status != 200:
         raise _error(name, f"the server answered HTTP {response.status} {response.reason}"
                            " (check the URL, and that it is publicly readable)")
-    return _read_body(response, conn, name, policy.max_bytes, deadline), None
+    return _read_body(response, sock, name, policy.max_bytes, deadline), None
 
 
-def _read_body(response: http.client.HTTPResponse, conn: http.client.HTTPConnection, name: str,
+def _read_body(response: http.client.HTTPResponse, sock: socket.socket, name: str,
                max_bytes: int, deadline: float) -> bytes:
     """Stream the body, stopping as soon as it exceeds max_bytes or the deadline passes."""
     declared = response.getheader("Content-Length", "")
@@ -489,7 +512,7 @@ def _read_body(response: http.client.HTTPResponse, conn: http.client.HTTPConnect
         _check_byte_count(int(declared), max_bytes, name, "download (Content-Length)")
     chunks, total = [], 0
     while True:
-        conn.sock.settimeout(_remaining(deadline))
+        sock.settimeout(_remaining(deadline))
         chunk = response.read1(64 * 1024)  # read1: one recv at a time, so the deadline is honoured
         if not chunk:
             break
@@ -596,7 +619,8 @@ def check_pixel_count(size: tuple[int, int], max_pixels: int, name: str) -> None
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode → RGB, as the Qwen-VL reference does: alpha is dropped, not composited.
 
-    16-bit and float greyscale are scaled to 0..255 (Pillow alone would clip them).
+    16-bit, 32-bit and float greyscale are scaled to 0..255 (Pillow alone would clip them).
+    An RGB input is returned as is (not copied).
 
     >>> to_rgb(Image.new("RGBA", (1, 1), (10, 20, 30, 0))).getpixel((0, 0))
     (10, 20, 30)
@@ -604,7 +628,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     (128, 128, 128)
     """
     if img.mode == "RGB":
-        return img.copy()
+        return img
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(grey_to_uint8(np.asarray(img), img.mode)).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -615,8 +639,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def grey_to_uint8(levels: np.ndarray, mode: str) -> np.ndarray:
     """Map high-bit-depth grey levels linearly onto 0..255 (rounded).
 
-    The range mapped is the mode's natural one when the values fit it (I;16 and I: 0..65535,
-    F: 0..1), otherwise the values' own min..max; NaN counts as the minimum.
+    The range mapped is the first natural one the values fit (I;16 and I: 0..65535; F: 0..1, then
+    0..255 as Pillow's own L → F gives), otherwise the values' own min..max; NaN counts as the minimum.
 
     >>> grey_to_uint8(np.array([[0, 257, 65535]], dtype=np.uint16), "I;16").tolist()
     [[0, 1, 255]]
@@ -626,9 +650,10 @@ def grey_to_uint8(levels: np.ndarray, mode: str) -> np.ndarray:
     values = levels.astype(np.float64)
     finite = values[np.isfinite(values)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    natural = 1.0 if mode == "F" else 65535.0
-    if low >= 0 and high <= natural:
-        low, high = 0.0, natural
+    for natural in (1.0, 255.0) if mode == "F" else (65535.0,):
+        if low >= 0 and high <= natural:
+            low, high = 0.0, natural
+            break
     values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
     scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

@@ -140,6 +140,7 @@ class QWenTokenizer:
         self._set_ids()
 
     def _set_ids(self) -> None:
+        """Named ids from `special_tokens` (with the real vocabulary: eod 151643 ... img_pad 151859)."""
         s = self.special_tokens
         self.eod_id, self.im_start_id, self.im_end_id = s[ENDOFTEXT], s[IMSTART], s[IMEND]
         self.ref_start_id, self.ref_end_id = s[REF_START], s[REF_END]
@@ -198,9 +199,9 @@ class QWenTokenizer:
         """
         return self._enc.encode_ordinary(unicodedata.normalize("NFC", text))
 
-    def _allowed_set(self, allowed_special: str | Iterable[str]) -> set[str]:
+    def _allowed_set(self, allowed_special: str | Iterable[str]) -> str | set[str]:
         if allowed_special == "all":
-            return set(self.special_tokens)
+            return "all"
         if isinstance(allowed_special, str):
             raise ValueError(f"allowed_special must be 'all' or a collection of tokens, got {allowed_special!r}")
         allowed = set(allowed_special)
@@ -257,28 +258,11 @@ class QWenTokenizer:
         return [self.img_start_id] + [self.img_pad_id] * self.image_span + [self.img_end_id]
 
     def image_paths(self, token_ids: Any) -> list[str]:
-        """The paths carried by the image spans, in order, read exactly as the official model reads them.
+        """The paths carried by the image spans, in order (see `image_paths_in_ids`).
 
-        The model takes `ids[a+1 : b-1]` (the slot just before `</img>` is dropped) and cuts at the first
-        `<imgpad>`, so a path must leave at least 2 pads: at most image_span - 2 = 254 bytes.
         Example: `image_paths(encode("<img>a.jpg</img>"))` -> `["a.jpg"]`.
         """
-        ids = _as_id_list(token_ids)
-        starts = [i for i, t in enumerate(ids) if t == self.img_start_id]
-        ends = [i for i, t in enumerate(ids) if t == self.img_end_id]
-        _check_pairs(starts, ends)
-        return [self._read_path(ids[a + 1 : b - 1], a, b) for a, b in zip(starts, ends)]
-
-    def _read_path(self, window: list[int], a: int, b: int) -> str:
-        if self.img_pad_id not in window:
-            raise ValueError(
-                f"image span at tokens {a}..{b} has no <imgpad> in the {len(window)} slots the model reads; "
-                f"a path may use at most image_span - 2 = {self.image_span - 2} bytes"
-            )
-        path = window[: window.index(self.img_pad_id)]
-        if any(not 0 <= t < N_BYTE_IDS for t in path):
-            raise ValueError(f"image span at tokens {a}..{b} holds non-byte ids before <imgpad>: {path[:8]}")
-        return bytes(path).decode("utf-8")
+        return image_paths_in_ids(token_ids, self.img_start_id)
 
     # ---------------------------------------------------------------------------------- __call__
 
@@ -383,6 +367,33 @@ class QWenTokenizer:
         from qwenvl import grounding
 
         return grounding.draw_bbox_on_latest_picture(response, history, load_image=load_image)
+
+
+def image_paths_in_ids(token_ids: Any, img_start_id: int) -> list[str]:
+    """The paths in byte-carrying image spans, read exactly as the official model reads them.
+
+    `</img>` is img_start_id + 1 and `<imgpad>` img_start_id + 2 (the model only knows the config's
+    `image_start_id`). The model takes `ids[a+1 : b-1]` (the slot just before `</img>` is dropped) and cuts
+    at the first `<imgpad>`, so a path must leave at least 2 pads: at most image_span - 2 = 254 bytes.
+    Example (start 997): [5, 997, 97, 46, 112, 999, 999, 998] -> ["a.p"].
+    """
+    ids = _as_id_list(token_ids)
+    starts = [i for i, t in enumerate(ids) if t == img_start_id]
+    ends = [i for i, t in enumerate(ids) if t == img_start_id + 1]
+    _check_pairs(starts, ends)
+    return [_read_path(ids[a + 1 : b - 1], a, b, img_start_id + 2) for a, b in zip(starts, ends)]
+
+
+def _read_path(window: list[int], a: int, b: int, pad_id: int) -> str:
+    if pad_id not in window:
+        raise ValueError(
+            f"image span at tokens {a}..{b} has no <imgpad> in the {len(window)} slots the model reads: the path "
+            f"is too long; a path may use at most image_span - 2 = {len(window) - 1} bytes"
+        )
+    path = window[: window.index(pad_id)]
+    if any(not 0 <= t < N_BYTE_IDS for t in path):
+        raise ValueError(f"image span at tokens {a}..{b} holds non-byte ids before <imgpad>: {path[:8]}")
+    return bytes(path).decode("utf-8")
 
 
 def _index(seq: Sequence[int], value: int, start: int) -> int:

@@ -88,6 +88,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: QWenConfig) -> torch.
 
 
 def load_config(model_dir: str | Path) -> QWenConfig:
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory (expected a checkpoint folder with config.json)")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json: is this a Qwen-VL checkpoint folder?")

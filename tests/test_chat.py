@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from qwenvl.api import AutoModelForCausalLM, AutoTokenizer
-from qwenvl.chat import decode_tokens, get_stop_words_ids, image_paths_in_ids, make_context
+from qwenvl.chat import decode_tokens, get_stop_words_ids, make_context
+from qwenvl.tokenizer import image_paths_in_ids
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.tokenizer import QWenTokenizer
 from qwenvl.weights import save_random_checkpoint

@@ -1,0 +1,142 @@
+"""Checkpoint loading: every supported layout gives the same model; bad checkpoints are refused by name."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwenvl.config import QWenConfig
+from qwenvl.weights import CheckpointError, load_model, resolve_dtype
+
+TINY = Path(__file__).parent / "fixtures" / "qwen_vl_tiny"
+
+
+@pytest.fixture(scope="module")
+def state():
+    return load_file(str(TINY / "model.safetensors"))
+
+
+def _dir_with(tmp_path: Path, files: dict[str, dict], index_name: str | None = None) -> Path:
+    shutil.copy(TINY / "config.json", tmp_path / "config.json")
+    weight_map = {}
+    for name, tensors in files.items():
+        if name.endswith(".safetensors"):
+            save_file(tensors, str(tmp_path / name))
+        else:
+            torch.save(tensors, tmp_path / name)
+        weight_map.update({k: name for k in tensors})
+    if index_name:
+        (tmp_path / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return tmp_path
+
+
+def _same_as_reference(model, state) -> None:
+    ours = model.state_dict()
+    assert set(ours) == set(state)
+    for k, v in state.items():
+        assert torch.equal(ours[k], v), k
+
+
+def _shards(state):
+    keys = sorted(state)
+    half = len(keys) // 2
+    return {k: state[k] for k in keys[:half]}, {k: state[k] for k in keys[half:]}
+
+
+def test_single_safetensors(state):
+    _same_as_reference(load_model(TINY, "float32"), state)
+
+
+def test_sharded_safetensors_with_index(tmp_path, state):
+    a, b = _shards(state)
+    d = _dir_with(tmp_path, {"model-00001-of-00002.safetensors": a, "model-00002-of-00002.safetensors": b},
+                  "model.safetensors.index.json")
+    _same_as_reference(load_model(d, "float32"), state)
+
+
+def test_pytorch_bin_and_sharded_bin(tmp_path, state):
+    (tmp_path / "one").mkdir()
+    _same_as_reference(load_model(_dir_with(tmp_path / "one", {"pytorch_model.bin": state}), "float32"), state)
+    a, b = _shards(state)
+    (tmp_path / "two").mkdir()
+    d = _dir_with(tmp_path / "two", {"pytorch_model-00001-of-00002.bin": a, "pytorch_model-00002-of-00002.bin": b},
+                  "pytorch_model.bin.index.json")
+    _same_as_reference(load_model(d, "float32"), state)
+
+
+def test_bin_with_code_in_the_pickle_is_refused(tmp_path, state):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    d = _dir_with(tmp_path, {})
+    torch.save({"x": Evil()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing", r"missing: lm_head\.weight"),
+    ("unexpected", r"unexpected: transformer\.extra\.weight"),
+    ("misshaped", r"mis-shaped: transformer\.ln_f\.weight: checkpoint \(7,\) vs model \(128,\)"),
+])
+def test_bad_checkpoints_are_refused_by_name(tmp_path, state, problem, match):
+    bad = dict(state)
+    if problem == "missing":
+        del bad["lm_head.weight"]
+    elif problem == "unexpected":
+        bad["transformer.extra.weight"] = torch.zeros(2)
+    else:
+        bad["transformer.ln_f.weight"] = torch.zeros(7)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(_dir_with(tmp_path, {"model.safetensors": bad}))
+
+
+def test_wrong_folders_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+    shutil.copy(TINY / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "gone.safetensors"}}')
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path)
+
+
+def test_config_with_unknown_or_inconsistent_fields_is_refused():
+    raw = json.loads((TINY / "config.json").read_text())
+    with pytest.raises(ValueError, match="does not know"):
+        QWenConfig.from_dict({**raw, "mystery_knob": 3})
+    with pytest.raises(ValueError, match="output_dim"):
+        QWenConfig.from_dict({**raw, "hidden_size": 64})
+
+
+def test_bf16_loading_and_default_dtype(tiny_cases):
+    model = load_model(TINY, "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    case = tiny_cases["text_only"]
+    ref = load_model(TINY, "float32")
+    ids = torch.tensor(case["input_ids"])
+    with torch.no_grad():
+        assert (model(ids).float() - ref(ids)).abs().max() < 0.5
+    cfg = QWenConfig.from_dict(json.loads((TINY / "config.json").read_text()))
+    assert resolve_dtype("auto", cfg) == torch.float32
+    cfg.torch_dtype = "bfloat16"
+    assert resolve_dtype("auto", cfg) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3", cfg)
+
+
+def test_presets_have_the_official_shapes():
+    cfg = QWenConfig.from_name("Qwen-VL-Chat")
+    assert (cfg.hidden_size, cfg.ffn_dim, cfg.visual.mlp_width, cfg.visual.grid_size) == (4096, 11008, 8192, 32)
+    with torch.device("meta"):
+        from qwenvl.model import QWenLMHeadModel
+        n = sum(p.numel() for p in QWenLMHeadModel(cfg).parameters())
+    assert 9.6e9 < n < 9.7e9, n
