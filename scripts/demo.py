@@ -46,6 +46,7 @@ if not bundled:
 # --------------------------------------------------------------------------- picture
 picture = ROOT / "examples" / "shapes.png"
 if not picture.is_file():
+    picture.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", (448, 448), (235, 235, 225))
     d = ImageDraw.Draw(img)
     d.ellipse((60, 80, 180, 200), fill=(220, 40, 40))
