@@ -158,12 +158,15 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(torch.empty(cfg.output_dim, cfg.output_dim))
 
     def forward(self, pixels: Tensor) -> Tensor:
+        x = self.ln_post(self.attn_pool(self.patch_tokens(pixels)))     # [N, Q, C]
+        return x @ self.proj                                             # [N, Q, C]
+
+    def patch_tokens(self, pixels: Tensor) -> Tensor:
+        """The ViT trunk alone: pixels [N, 3, S, S] -> patch tokens [N, g*g, W] (before the resampler)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))               # [N, W, g, g]
         x = x.flatten(2).transpose(1, 2)                                 # [N, g*g, W], row-major patches
         x = x + resize_pos_table(self.positional_embedding, x.shape[1])
-        x = self.transformer(self.ln_pre(x))                             # [N, g*g, W]
-        x = self.ln_post(self.attn_pool(x))                              # [N, Q, C]
-        return x @ self.proj                                             # [N, Q, C]
+        return self.transformer(self.ln_pre(x))                          # [N, g*g, W]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

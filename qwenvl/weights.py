@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import GenerationConfig, QWenConfig
 from .model import QWenLMHeadModel
+from .quantize import gptq_swap
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -107,6 +108,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto") 
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
+        if config.quantization_config:
+            gptq_swap(model, config.quantization_config)     # qweight/qzeros/scales/g_idx/bias buffers
     load_into(model, checkpoint_files(model_dir), dtype)
     return model.eval()
 
@@ -123,11 +126,16 @@ def load_into(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
             elif tensor.shape != expected[key]:
                 misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key])}")
             else:
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() and not _keep_stored(key) else tensor
     missing = sorted(set(expected) - set(state) - set(unexpected))
     _raise_if_bad(files[0].parent, missing, unexpected, misshaped)
     model.load_state_dict(state, strict=True, assign=True)
     _restore_frozen(model)
+
+
+def _keep_stored(key: str) -> bool:
+    # GPTQ scales stay float16 as stored: dequantising in float32 is then exact (bf16 would lose bits).
+    return key.endswith(".scales")
 
 
 def _raise_if_bad(d: Path, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:

@@ -1,0 +1,178 @@
+"""Training helpers shared by the recipes (demo-model stages, fine-tuning): which parts train, the LR
+schedule, atomic resumable checkpoints, and the loss log (CSV + a PNG plot drawn with PIL).
+
+The loops themselves live in scripts/, top to bottom, where they can be read.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from .model import QWenLMHeadModel
+
+
+def set_trainable(model: QWenLMHeadModel, vit: bool, adapter: bool, llm: bool) -> None:
+    """Freeze or unfreeze the three parts of Qwen-VL (the paper's stages, `fix_vit` of finetune.py).
+
+    ViT = conv1, positional_embedding, ln_pre, resblocks, ln_post, proj; adapter = attn_pool (the
+    resampler; its sin-cos `pos_embed` always stays frozen); LLM = everything outside `transformer.visual`.
+    """
+    visual = model.transformer.visual
+    for name, p in model.named_parameters():
+        if not name.startswith("transformer.visual."):
+            p.requires_grad_(llm)
+    visual.requires_grad_(vit)
+    visual.attn_pool.requires_grad_(adapter)
+    visual.attn_pool.pos_embed.requires_grad_(False)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor * peak` at `total`.
+
+    Example (peak 1, warmup 10, total 110): step 4 -> 0.5, step 10 -> 1.0, step 110 -> 0.1.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.05,
+          betas: tuple[float, float] = (0.9, 0.98)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norms, biases and 1-D tables are not decayed)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, eps=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class TrainState:
+    """Everything a killed run needs to continue with the same loss curve."""
+
+    step: int
+    model: dict
+    optimizer: dict
+    python_rng: object
+    numpy_rng: dict
+    torch_rng: torch.Tensor
+    extra: dict
+
+
+def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               rng: random.Random, np_rng: np.random.Generator, extra: dict | None = None) -> None:
+    """Write the training state atomically (a kill mid-write leaves the previous file intact)."""
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "python_rng": rng.getstate(), "numpy_rng": np_rng.bit_generator.state,
+             "torch_rng": torch.get_rng_state(), "extra": extra or {}}
+    atomic_torch_save(state, path)
+
+
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
+               np_rng: np.random.Generator) -> tuple[int, dict]:
+    """Restore what `save_state` wrote; returns (step, extra)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["python_rng"])
+    np_rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["extra"]
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------- loss log
+
+class LossLog:
+    """Appends `step,stage,loss,lr,extra...` rows to a CSV; a resumed run truncates rows past its step."""
+
+    FIELDS = ("step", "stage", "loss", "lr", "samples_per_s")
+
+    def __init__(self, path: Path, resume_step: int = 0, stage: str | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.read(path)
+        kept = [r for r in rows if stage is None or r["stage"] != stage or int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def append(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+def plot_losses(csv_path: Path, png_path: Path, width: int = 900, height: int = 420) -> None:
+    """A loss-vs-step line chart per stage (log-scale loss), drawn with PIL so no plotting library is needed."""
+    rows = [r for r in LossLog.read(csv_path) if r["loss"]]
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    if not rows:
+        img.save(png_path)
+        return
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    x_of = _stage_offsets(rows, stages)
+    losses = [max(float(r["loss"]), 1e-4) for r in rows]
+    lo, hi = math.log(min(losses)), math.log(max(losses))
+    pad, span = 50, max(1e-6, hi - lo)
+    x_max = max(x_of[(r["stage"], int(r["step"]))] for r in rows) or 1
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    for k, stage in enumerate(stages):
+        pts = [(pad + (width - 2 * pad) * x_of[(r["stage"], int(r["step"]))] / x_max,
+                height - pad - (height - 2 * pad) * (math.log(max(float(r["loss"]), 1e-4)) - lo) / span)
+               for r in rows if r["stage"] == stage]
+        if len(pts) > 1:
+            draw.line(pts, fill=colours[k % len(colours)], width=2)
+        draw.text((pad + 10 + 130 * k, 10), stage, fill=colours[k % len(colours)])
+    draw.rectangle((pad, pad, width - pad, height - pad), outline="black")
+    draw.text((5, pad - 12), f"{math.exp(hi):.3g}", fill="black")
+    draw.text((5, height - pad), f"{math.exp(lo):.3g}", fill="black")
+    draw.text((width // 2 - 60, height - 25), "steps (stages in order); loss, log scale", fill="black")
+    img.save(png_path)
+
+
+def _stage_offsets(rows: list[dict], stages: list[str]) -> dict[tuple[str, int], int]:
+    offsets, base = {}, 0
+    for stage in stages:
+        steps = sorted({int(r["step"]) for r in rows if r["stage"] == stage})
+        for s in steps:
+            offsets[(stage, s)] = base + s
+        base += (steps[-1] if steps else 0) + 1
+    return offsets
