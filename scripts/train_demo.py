@@ -1,0 +1,343 @@
+"""Train the demo model: a small Qwen-VL on the synthetic world, with the paper's staged recipe.
+
+    .venv/bin/python scripts/train_demo.py                    # the whole recipe into runs/demo (resumable)
+    .venv/bin/python scripts/train_demo.py --smoke --out /tmp/smoke   # a few steps of every stage (tests)
+    .venv/bin/python scripts/train_demo.py --export qwenvl/assets/demo_model   # also write the artefact
+
+Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its folder):
+  vit_pretrain  the ViT alone on dense per-patch labels     (the paper starts from a pretrained CLIP ViT)
+  tokenizer     BPE on the world's text, saved as qwen.tiktoken (+ the Qwen special tokens after it)
+  lm_pretrain   the LM alone on the world's text            (the paper starts from a pretrained Qwen-7B)
+  stage1        ViT + adapter on captions, LM frozen, 112 px
+  stage2        multi-task, everything trainable, 224 px: easy scenes first (stage2_easy), then the full mix
+  stage3        chat SFT in ChatML, ViT frozen
+Loss per sample (not per token): a 24-token box must not drown a 1-token answer. The loss curve is
+written to OUT/loss.csv and OUT/loss.png; quick held-out checks to OUT/<stage>/eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwenvl.config import GenerationConfig, QWenConfig
+from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
+from qwenvl.generation import generate, left_pad
+from qwenvl.grounding import parse_boxes
+from qwenvl.images import preprocess_v1
+from qwenvl.model import QWenLMHeadModel
+from qwenvl.patch_labels import n_classes, patch_labels
+from qwenvl.sampling import SamplingParams
+from qwenvl.synthetic_scenes import SceneSpec, render_scene, sample_scene
+from qwenvl.tokenizer import PAT_STR, QWenTokenizer
+from qwenvl.vision import VisionTransformer
+from qwenvl.train import LossLog, adamw, atomic_torch_save, cosine_lr, load_state, plot_losses, save_state, set_trainable
+from qwenvl.weights import save_checkpoint
+
+# --------------------------------------------------------------------------- config
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny model (CI)")
+parser.add_argument("--export", type=Path, help="write the finished checkpoint here (official layout)")
+parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+parser.add_argument("--only", nargs="*", help="run only these stages (they must be next in line)")
+args = parser.parse_args()
+torch.set_num_threads(args.threads)
+OUT: Path = args.out
+OUT.mkdir(parents=True, exist_ok=True)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    resolution: int = 224
+
+
+FULL = {
+    "lm_pretrain": Stage("lm_pretrain", 1200, 32, 2e-3, 100),
+    "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
+    "stage1": Stage("stage1", 600, 32, 5e-4, 60, resolution=112),
+    "stage2_easy": Stage("stage2_easy", 800, 24, 4e-4, 80),
+    "stage2": Stage("stage2", 2400, 24, 3e-4, 100),
+    "stage3": Stage("stage3", 1000, 16, 2e-4, 100),
+}
+SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
+STAGES = SMOKE if args.smoke else FULL
+BPE_MERGES = 200 if args.smoke else 2800
+BPE_TEXTS = 500 if args.smoke else 60_000
+SAVE_EVERY_S = 120
+
+
+def demo_config(n_ranks: int) -> QWenConfig:
+    """The demo model: the Qwen-VL architecture at a size a 2-core CPU trains in about two hours."""
+    n_vocab = n_ranks + 217                                  # ranks, then the 217 Qwen special tokens
+    small = args.smoke
+    return QWenConfig.from_dict(dict(
+        vocab_size=(n_vocab + 63) // 64 * 64, hidden_size=64 if small else 256,
+        num_hidden_layers=1 if small else 4, num_attention_heads=1 if small else 4, kv_channels=64,
+        intermediate_size=128 if small else 1408, seq_length=2048, torch_dtype="float32",
+        visual=dict(image_size=224, patch_size=14, width=32 if small else 192, layers=1 if small else 6,
+                    heads=1 if small else 3, mlp_ratio=4.0, output_dim=64 if small else 256, n_queries=64,
+                    image_start_id=n_ranks + 214)))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- the loop
+def pixels(images: list, resolution: int) -> torch.Tensor | None:
+    return torch.stack([preprocess_v1(im, resolution) for im in images]) if images else None
+
+
+def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> None:
+    """Train `module` for stage.steps, checkpointing atomically every SAVE_EVERY_S; resumable."""
+    folder = OUT / stage.name
+    if (folder / "DONE").is_file():
+        module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        log(f"{stage.name}: done earlier, loaded")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    opt = adamw(module.parameters(), stage.lr)
+    rng, np_rng = random.Random(f"{args.seed}-{stage.name}"), np.random.default_rng(abs(hash(stage.name)) % 2**32)
+    step = 0
+    if (folder / "state.pt").is_file():
+        step, _ = load_state(folder / "state.pt", module, opt, rng, np_rng)
+        log(f"{stage.name}: resuming at step {step}")
+    loss_log = LossLog(OUT / "loss.csv", step, stage.name)
+    last_save, window, t0 = time.time(), [], time.time()
+    module.train()
+    while step < stage.steps:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, stage.steps, stage.lr, stage.warmup)
+        loss = loss_fn(make_batch(rng, stage))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window.append(loss.item())
+        if step % 10 == 0 or step == stage.steps:
+            rate = len(window) * stage.batch / (time.time() - t0)
+            loss_log.append(step=step, stage=stage.name, loss=f"{np.mean(window):.4f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}", samples_per_s=f"{rate:.1f}")
+            print(f"\r{stage.name} {step}/{stage.steps} loss {np.mean(window):.4f} {rate:.1f} samples/s",
+                  end="", flush=True, file=sys.stderr)
+            window, t0 = [], time.time()
+        if time.time() - last_save > SAVE_EVERY_S:
+            save_state(folder / "state.pt", module, opt, step, rng, np_rng)
+            plot_losses(OUT / "loss.csv", OUT / "loss.png")
+            last_save = time.time()
+    print(file=sys.stderr)
+    module.eval()
+    atomic_torch_save(module.state_dict(), folder / "model.pt")
+    (folder / "DONE").write_text(f"{stage.steps} steps\n")
+    (folder / "state.pt").unlink(missing_ok=True)
+    plot_losses(OUT / "loss.csv", OUT / "loss.png")
+    log(f"{stage.name}: finished {stage.steps} steps")
+
+
+def wanted(name: str) -> bool:
+    return not args.only or name in args.only
+
+
+# --------------------------------------------------------------------------- vit_pretrain
+class PatchHeads(nn.Module):
+    """Linear probes on the ViT's patch tokens: colour, shape and character under each patch."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        n_colour, n_shape, n_char = n_classes()
+        self.colour, self.shape, self.char = nn.Linear(width, n_colour), nn.Linear(width, n_shape), nn.Linear(width, n_char)
+
+
+class VitPretrain(nn.Module):
+    def __init__(self, visual: nn.Module, heads: PatchHeads):
+        super().__init__()
+        self.visual, self.heads = visual, heads
+
+
+VISUAL = demo_config(1000).visual          # the vision tower does not depend on the vocabulary
+visual_tower = VisionTransformer(VISUAL)
+visual_tower.init_weights(torch.Generator().manual_seed(args.seed))
+vit_task = VitPretrain(visual_tower, PatchHeads(VISUAL.width))
+VIT_SPEC = SceneSpec(n_objects=(1, 6), n_texts=(0, 2))
+
+
+def patch_batch(rng: random.Random, stage: Stage) -> dict:
+    resolution = rng.choice((112, 224))
+    grid = resolution // VISUAL.patch_size
+    scenes = [sample_scene(rng, VIT_SPEC) for _ in range(stage.batch)]
+    labels = [torch.stack(patch_labels(s, grid)) for s in scenes]              # each [3, g*g]
+    return {"pixels": pixels([render_scene(s) for s in scenes], resolution), "labels": torch.stack(labels)}
+
+
+def patch_loss(batch: dict) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = vit_task.visual.patch_tokens(batch["pixels"])                  # [B, g*g, W]
+    tokens = tokens.float()
+    heads = vit_task.heads
+    labels = batch["labels"]                                                    # [B, 3, g*g]
+    loss = 0.0
+    for k, head in enumerate((heads.colour, heads.shape, heads.char)):
+        loss = loss + nn.functional.cross_entropy(head(tokens).transpose(1, 2), labels[:, k])
+    return loss
+
+
+if wanted("vit_pretrain"):
+    visual_tower.requires_grad_(True)
+    visual_tower.attn_pool.requires_grad_(False)
+    run_stage(STAGES["vit_pretrain"], vit_task, patch_batch, patch_loss)
+
+
+# --------------------------------------------------------------------------- tokenizer
+from qwenvl.bpe import save_tiktoken, train_bpe  # noqa: E402
+import demo_tasks as tasks  # noqa: E402  (scripts/demo_tasks.py: the task mixes of each stage)
+
+tok_dir = OUT / "tokenizer"
+if not (tok_dir / "qwen.tiktoken").is_file():
+    log(f"tokenizer: BPE with {BPE_MERGES} merges on {BPE_TEXTS} world texts")
+    texts = list(tasks.world_text(random.Random(args.seed), BPE_TEXTS))
+    ranks = train_bpe(texts, 256 + BPE_MERGES, PAT_STR)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    save_tiktoken(ranks, tok_dir / "qwen.tiktoken.tmp")
+    (tok_dir / "qwen.tiktoken.tmp").replace(tok_dir / "qwen.tiktoken")
+n_ranks = sum(1 for line in open(tok_dir / "qwen.tiktoken") if line.strip())
+config = demo_config(n_ranks)
+tok = QWenTokenizer(tok_dir / "qwen.tiktoken", image_span=config.visual.n_queries)
+log(f"tokenizer: {n_ranks} ranks, vocab {tok.n_vocab} (embedding rows {config.vocab_size})")
+
+model = QWenLMHeadModel(config)
+model.init_weights(torch.Generator().manual_seed(args.seed))
+model.transformer.visual.load_state_dict(visual_tower.state_dict())   # the pretrained ViT
+n_params = sum(p.numel() for p in model.parameters())
+log(f"model: {n_params / 1e6:.2f} M parameters")
+
+
+# --------------------------------------------------------------------------- batches
+def raw_example(sample: tasks.Sample) -> Rendered:
+    """Stages 1-2 (pre-training): raw prompt, supervise the answer and <|endoftext|> (first turn only)."""
+    prompt = tok.encode(sample.conversations[0]["value"])
+    answer = tok.encode(sample.conversations[1]["value"]) + [tok.eod_id]
+    return Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def chat_example(sample: tasks.Sample) -> Rendered:
+    """Stage 3 (SFT): ChatML with the official supervision rule."""
+    return render_sft(sample.conversations, tok, sample_id=sample.id)
+
+
+def vl_batch(samples: list[tasks.Sample], resolution: int, chatml: bool) -> dict:
+    rows = [chat_example(s) if chatml else raw_example(s) for s in samples]
+    ids, labels, mask = collate(rows, tok.pad_token_id)
+    images = [im for s in samples for im in s.images]
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": pixels(images, resolution),
+            "weights": torch.tensor([s.weight for s in samples])}
+
+
+def vl_loss(batch: dict) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"])
+    per = per_sample_loss(logits, batch["labels"])
+    return (per * batch["weights"]).sum() / batch["weights"].sum()
+
+
+# --------------------------------------------------------------------------- lm_pretrain
+def text_batch(rng: random.Random, stage: Stage) -> dict:
+    rows = []
+    for text in tasks.world_text(rng, stage.batch):
+        ids = tok.encode_untrusted(text)[:96] + [tok.eod_id]
+        rows.append(Rendered(ids, ids))
+    ids, labels, mask = collate(rows, tok.pad_token_id)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": None,
+            "weights": torch.ones(len(rows))}
+
+
+if wanted("lm_pretrain"):
+    set_trainable(model, vit=False, adapter=False, llm=True)
+    run_stage(STAGES["lm_pretrain"], model, text_batch, vl_loss)
+
+
+# --------------------------------------------------------------------------- stage 1, 2, 3
+def stage_batch(mix_name: str, chatml: bool):
+    def make(rng: random.Random, stage: Stage) -> dict:
+        return vl_batch(tasks.sample_mix(rng, mix_name, stage.batch), stage.resolution, chatml)
+    return make
+
+
+def image_use_check(name: str) -> dict:
+    """Loss on held-out samples with their real images vs blank ones: the model must use the image."""
+    rng = random.Random(f"{args.seed}-check")
+    batch = vl_batch(tasks.sample_mix(rng, "stage2_full", 32), 224, chatml=False)
+    with torch.no_grad():
+        real = vl_loss(batch).item()
+        if batch["images"] is not None:
+            batch["images"] = torch.zeros_like(batch["images"])
+        blank = vl_loss(batch).item()
+    result = {"loss_real_images": round(real, 4), "loss_blank_images": round(blank, 4)}
+    log(f"{name}: image-use check {result}")
+    return result
+
+
+if wanted("stage1"):
+    set_trainable(model, vit=True, adapter=True, llm=False)
+    run_stage(STAGES["stage1"], model, stage_batch("stage1", chatml=False), vl_loss)
+    image_use_check("stage1")
+
+if wanted("stage2"):
+    set_trainable(model, vit=True, adapter=True, llm=True)
+    run_stage(STAGES["stage2_easy"], model, stage_batch("stage2_easy", chatml=False), vl_loss)
+    image_use_check("stage2_easy")
+    run_stage(STAGES["stage2"], model, stage_batch("stage2", chatml=False), vl_loss)
+    image_use_check("stage2")
+
+if wanted("stage3"):
+    set_trainable(model, vit=False, adapter=True, llm=True)
+    run_stage(STAGES["stage3"], model, stage_batch("stage3", chatml=True), vl_loss)
+
+
+# --------------------------------------------------------------------------- quick held-out check
+@torch.no_grad()
+def quick_eval(n: int = 24 if not args.smoke else 2) -> dict:
+    """Greedy answers to fresh ChatML samples of each task: exact match, or IoU >= 0.5 for boxes."""
+    model.eval()
+    scores = {}
+    for task in tasks.EVAL_TASKS:
+        samples = tasks.sample_task(random.Random(f"eval-{task}"), task, n)
+        contexts = [render_sft(s.conversations[:1], tok).input_ids + tok.encode("<|im_start|>assistant\n") for s in samples]
+        ids, mask = left_pad(contexts, tok.pad_token_id)
+        images = pixels([im for s in samples for im in s.images], 224)
+        out = generate(model, ids, SamplingParams(max_new_tokens=40, do_sample=False), attention_mask=mask,
+                       images=images, eos_token_id=tok.im_end_id)
+        answers = [tok.decode([t for t in row if t < tok.eod_id]).strip() for row in out.tolist()]
+        scores[task] = float(np.mean([tasks.score(task, s, a) for s, a in zip(samples, answers)]))
+    log(f"quick eval: {scores}")
+    return scores
+
+
+if not args.only or "eval" in args.only:
+    scores = quick_eval()
+    (OUT / "quick_eval.json").write_text(json.dumps(scores, indent=2))
+
+
+# --------------------------------------------------------------------------- export
+if args.export:
+    gen = GenerationConfig(eos_token_id=tok.eod_id, pad_token_id=tok.eod_id, do_sample=False, max_new_tokens=128,
+                           max_window_size=1536)
+    save_checkpoint(model, args.export, gen)
+    shutil.copy(tok_dir / "qwen.tiktoken", args.export / "qwen.tiktoken")
+    log(f"exported to {args.export}")

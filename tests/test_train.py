@@ -1,0 +1,110 @@
+"""Training helpers: freeze switches, LR schedule, resume with the same loss curve, BPE, the staged recipe."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tiktoken
+
+from qwenvl.bpe import save_tiktoken, train_bpe
+from qwenvl.tokenizer import PAT_STR, QWenTokenizer
+from qwenvl.train import LossLog, adamw, cosine_lr, load_state, plot_losses, save_state, set_trainable
+from qwenvl.weights import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = Path(__file__).parent / "fixtures" / "qwen_vl_tiny"
+
+
+def test_freeze_switches_follow_the_paper_stages():
+    model = load_model(TINY, "float32")
+    set_trainable(model, vit=False, adapter=True, llm=True)          # stage 3 / finetune.py fix_vit
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "transformer.visual.attn_pool.query" in trainable
+    assert "transformer.h.0.attn.c_attn.weight" in trainable
+    assert "transformer.visual.conv1.weight" not in trainable
+    assert "transformer.visual.proj" not in trainable                 # outside attn_pool, as in finetune.py
+    assert "transformer.visual.attn_pool.pos_embed" not in trainable
+    set_trainable(model, vit=True, adapter=True, llm=False)           # stage 1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "transformer.visual.conv1.weight" in trainable and "lm_head.weight" not in trainable
+
+
+def test_cosine_schedule_worked_example():
+    assert cosine_lr(4, 110, 1.0, 10) == pytest.approx(0.5)
+    assert cosine_lr(10, 110, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(110, 110, 1.0, 10) == pytest.approx(0.1)
+
+
+def _train(model, opt, rng, np_rng, steps):
+    losses = []
+    for _ in range(steps):
+        ids = torch.tensor([[rng.randrange(900) for _ in range(8)]]) + int(np_rng.integers(0, 5))
+        loss = model(ids)[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).mean().neg()
+        loss = loss + 0.01 * torch.randn(()) ** 2                     # uses the torch RNG too
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        model = load_model(TINY, "float32").train()
+        return model, adamw(model.parameters(), 1e-3), random.Random(1), np.random.default_rng(2)
+
+    model, opt, rng, np_rng = fresh()
+    straight = _train(model, opt, rng, np_rng, 6)
+    model, opt, rng, np_rng = fresh()
+    first = _train(model, opt, rng, np_rng, 3)
+    save_state(tmp_path / "state.pt", model, opt, 3, rng, np_rng)
+    model, opt, rng, np_rng = fresh()
+    step, _ = load_state(tmp_path / "state.pt", model, opt, rng, np_rng)
+    assert step == 3
+    assert first + _train(model, opt, rng, np_rng, 3) == pytest.approx(straight, abs=1e-6)
+
+
+def test_loss_log_truncates_on_resume_and_plots(tmp_path):
+    log = LossLog(tmp_path / "loss.csv")
+    for s in (10, 20, 30):
+        log.append(step=s, stage="a", loss=1.0 / s)
+    LossLog(tmp_path / "loss.csv", resume_step=20, stage="a")
+    assert [int(r["step"]) for r in LossLog.read(tmp_path / "loss.csv")] == [10, 20]
+    plot_losses(tmp_path / "loss.csv", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_bpe_round_trips_and_compresses(tmp_path):
+    texts = ["the red circle is left of the blue square", "红色的圆形在蓝色正方形的左边", "(123,456),(789,12)"] * 50
+    ranks = train_bpe(texts, 256 + 60, PAT_STR)
+    assert len(ranks) == 316 and all(ranks[bytes([b])] == b for b in range(256))
+    enc = tiktoken.Encoding("t", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
+    sample = "the circle 红色 (42) 🐱 café"
+    assert enc.decode(enc.encode(sample)) == sample
+    assert len(enc.encode(texts[0])) < len(texts[0]) / 2
+    save_tiktoken(ranks, tmp_path / "qwen.tiktoken")
+    tok = QWenTokenizer(tmp_path / "qwen.tiktoken", image_span=8)
+    assert tok.eod_id == 316 and tok.img_pad_id == 316 + 216
+    assert train_bpe(texts, 300, PAT_STR) == train_bpe(texts, 300, PAT_STR)      # deterministic
+
+
+def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--smoke", "--out", str(tmp_path / "run"),
+           "--export", str(tmp_path / "model")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_easy", "stage2", "stage3")
+    assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
+    assert (tmp_path / "run" / "loss.png").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done earlier") == len(stages)
+    model = load_model(tmp_path / "model")
+    tok = QWenTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.vocab_size >= tok.n_vocab
+    assert model.config.visual.image_start_id == tok.img_start_id
