@@ -1,8 +1,10 @@
-"""The `qwenvl` command line: `qwenvl chat` (one question, or an interactive session with history).
+"""The `qwenvl` command line: `qwenvl chat` (one question, or an interactive session with history) and
+`qwenvl serve` (the OpenAI-style server with the web page at /).
 
     qwenvl chat --model DIR --image cat.png "What is in the picture?"
     qwenvl chat --model DIR --image cat.png --draw boxes.png "Where is the cat?"
     qwenvl chat --model DIR                       # interactive; :image PATH, :draw OUT.png, :clear, :quit
+    qwenvl serve --model DIR --port 8000          # then open http://127.0.0.1:8000/
 """
 from __future__ import annotations
 
@@ -39,11 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the model's sampling")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible answers)")
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-style server (/v1/chat/completions) with a web page at /")
+    serve.add_argument("--model", type=Path, help="checkpoint folder (default: the bundled demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--name", default="qwen-vl-chat", help="the model id clients send and /v1/models lists")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-len", type=int, default=2048, help="prompt + answer tokens of one request")
+    serve.add_argument("--kv-budget-mb", type=float, default=None, help="memory for the KV cache (caps the batch)")
+    serve.add_argument("--feature-cache-mb", type=float, default=256, help="memory for cached image features")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256,
+                       help="memory for cached K/V of prompt prefixes that end with an image (0: off)")
+    serve.add_argument("--max-images", type=int, default=8, help="images per request")
+    serve.add_argument("--allow-image-dir", type=Path, action="append", default=[],
+                       help="LOOSENS SAFETY: clients may name image files inside this directory; repeatable")
+    serve.add_argument("--allow-private-urls", action="store_true",
+                       help="LOOSENS SAFETY: image URLs may point to loopback/private/link-local addresses")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_server(args)
     try:
         model, tokenizer = _load(args.model or default_model_dir(), args.dtype)
     except USER_ERRORS as e:
@@ -53,6 +79,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.question is not None:
         return 0 if session.ask(args.question, args.image, args.draw) else 2
     return session.repl()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServeConfig, serve
+    except ImportError as e:
+        print(f"error: the server needs its extra dependencies ({e}); pip install 'qwenvl[server]'", file=sys.stderr)
+        return 2
+    config = ServeConfig(model_name=args.name, max_batch=args.max_batch, max_len=args.max_len,
+                         kv_budget_bytes=_mib(args.kv_budget_mb), feature_cache_bytes=_mib(args.feature_cache_mb),
+                         prefix_cache_bytes=_mib(args.prefix_cache_mb),
+                         max_images=args.max_images, allowed_image_dirs=tuple(args.allow_image_dir),
+                         allow_private_urls=args.allow_private_urls)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        serve(args.model or default_model_dir(), config, host=args.host, port=args.port, dtype=args.dtype)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _mib(megabytes: float | None) -> int | None:
+    return None if megabytes is None else int(megabytes * 2**20)
 
 
 def _load(model_dir: Path, dtype: str) -> tuple[QWenVL, QWenTokenizer]:

@@ -68,7 +68,7 @@ class Stage:
 
 
 FULL = {
-    "lm_pretrain": Stage("lm_pretrain", 1200, 32, 2e-3, 100),
+    "lm_pretrain": Stage("lm_pretrain", 600, 32, 2e-3, 60),
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
     "stage1": Stage("stage1", 600, 32, 5e-4, 60, resolution=112),
     "stage2_easy": Stage("stage2_easy", 800, 24, 4e-4, 80),
