@@ -1,77 +1,134 @@
-"""A small byte-level BPE trainer and the `qwen.tiktoken` file format, for the demo model's vocabulary.
+"""A small byte-level BPE trainer and the `qwen.tiktoken` file format.
 
-Texts are split with the Qwen pre-tokenisation regex, so the learned merges never cross its pieces
-(digits stay single, as in Qwen). Ranks 0..255 are the single bytes (rank = byte value), then one rank
-per merge in the order learned. The result loads with `QWenTokenizer`, which appends the Qwen special
-tokens after the ranks.
+Training follows the usual recipe: split text with Qwen's pre-tokenisation regex, count the unique
+pre-tokens, then repeatedly merge the most frequent adjacent pair. Pair counts are kept per pair
+(weighted by how often each pre-token occurs) and updated only for the pre-tokens that contain the
+merged pair, with a lazy max-heap, so each merge costs about the number of words it touches.
+
+Ranks 0..255 are the single bytes (rank b is the byte b), then merged tokens in the order they were
+learned. The result loads straight into tiktoken:
+
+    ranks = train_bpe(texts, vocab_size=256 + 4000)
+    enc = tiktoken.Encoding("world", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
 """
 from __future__ import annotations
 
 import base64
+import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Iterable
 
 import regex
 
+from .tokenizer import PAT_STR  # qwen_vl.md §7.2; digits are split one by one
 
-def train_bpe(texts: Iterable[str], vocab_size: int, pat_str: str) -> dict[bytes, int]:
-    """Learn `vocab_size - 256` merges over the pre-tokenised texts; returns token bytes -> rank.
+_PAT = regex.compile(PAT_STR)
 
-    Ties between equally frequent pairs go to the smallest pair of ids, so training is deterministic.
-    Example: texts ["aaab"] * 10 with vocab_size 257 merge (a, a) first: rank 256 = b"aa".
+
+def count_pretokens(texts: Iterable[str], special_tokens: Iterable[str] = (), pat_str: str = PAT_STR) -> Counter[bytes]:
+    """UTF-8 pre-tokens and how often they occur; special-token strings are cut out first.
+
+    >>> count_pretokens(["ab ab<s>", "12"], special_tokens=["<s>"])
+    Counter({b'ab': 1, b' ab': 1, b'1': 1, b'2': 1})
+    """
+    specials = sorted(special_tokens, key=len, reverse=True)
+    splitter = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+    pat = _PAT if pat_str == PAT_STR else regex.compile(pat_str)
+    counts: Counter[bytes] = Counter()
+    for text in texts:
+        for chunk in (splitter.split(text) if splitter else (text,)):
+            counts.update(piece.encode("utf-8") for piece in pat.findall(chunk))
+    return counts
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, pat_str: str = PAT_STR,
+              special_tokens: Iterable[str] = ()) -> dict[bytes, int]:
+    """Learn merges until there are `vocab_size` ranks (256 bytes + vocab_size - 256 merges).
+
+    Returns mergeable ranks {token bytes: rank}, dense 0..len-1. Ties in frequency go to the pair
+    with the smaller (left id, right id), so training is deterministic. It stops early (fewer
+    ranks) only when no pair occurs twice. `special_tokens` are cut out of the text first.
+
+    >>> ranks = train_bpe(["aaab aab"] * 10, vocab_size=258)
+    >>> len(ranks), ranks[b"aa"]
+    (258, 256)
     """
     if vocab_size < 256:
         raise ValueError(f"{vocab_size=} must be >= 256 (the single bytes)")
-    pattern = regex.compile(pat_str)
-    words = Counter(piece.encode("utf-8") for text in texts for piece in pattern.findall(text))
-    seqs = [list(w) for w in words]
-    freqs = list(words.values())
-    vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
-    pairs, where = _count_pairs(seqs, freqs)
-    for new_id in range(256, vocab_size):
-        if not pairs:
+    counts = count_pretokens(texts, special_tokens, pat_str)
+    vocab = [bytes([b]) for b in range(256)]
+    words = [list(w) for w in counts]   # each word as a list of token ids (bytes are ids 0..255)
+    freqs = list(counts.values())
+    pairs: defaultdict[tuple[int, int], int] = defaultdict(int)
+    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for wi, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += freqs[wi]
+            where[p].add(wi)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    ranks = {v: i for i, v in enumerate(vocab)}
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg:
+            continue                    # stale heap entry
+        if -neg < 2:
             break
-        best = max(pairs.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]
-        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
-        for i in list(where.pop(best, ())):
-            _merge_word(seqs, freqs, i, best, new_id, pairs, where)
-        pairs.pop(best, None)
-    return {token: rank for rank, token in vocab.items()}
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        if merged not in ranks:         # two merge paths can spell the same bytes: keep one rank
+            ranks[merged] = len(vocab)
+            vocab.append(merged)
+        _apply_merge(pair, ranks[merged], words, freqs, pairs, where, heap)
+    return ranks
 
 
-def _count_pairs(seqs: list[list[int]], freqs: list[int]):
-    pairs: Counter = Counter()
-    where: defaultdict = defaultdict(set)
-    for i, (seq, f) in enumerate(zip(seqs, freqs)):
-        for pair in zip(seq, seq[1:]):
-            pairs[pair] += f
-            where[pair].add(i)
-    return pairs, where
-
-
-def _merge_word(seqs, freqs, i: int, best: tuple[int, int], new_id: int, pairs: Counter, where) -> None:
-    """Replace every `best` pair in word i by new_id, keeping the pair counts and indexes current."""
-    seq, f = seqs[i], freqs[i]
-    for pair in zip(seq, seq[1:]):
-        pairs[pair] -= f
-        if pairs[pair] <= 0:
-            del pairs[pair]
-    out, k = [], 0
-    while k < len(seq):
-        if k + 1 < len(seq) and (seq[k], seq[k + 1]) == best:
-            out.append(new_id)
-            k += 2
+def _apply_merge(pair, new_id, words, freqs, pairs, where, heap) -> None:
+    """Replace `pair` by `new_id` in every word containing it, updating pair counts and the heap."""
+    touched: set[tuple[int, int]] = set()
+    for wi in where.pop(pair, ()):
+        w, f = words[wi], freqs[wi]
+        for p in zip(w, w[1:]):          # remove this word's old pairs ...
+            pairs[p] -= f
+            touched.add(p)
+        out, i = [], 0
+        while i < len(w):
+            if i + 1 < len(w) and w[i] == pair[0] and w[i + 1] == pair[1]:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(w[i])
+                i += 1
+        words[wi] = out
+        for p in zip(out, out[1:]):      # ... and add its new ones
+            pairs[p] += f
+            where[p].add(wi)
+            touched.add(p)
+    pairs.pop(pair, None)
+    for p in touched:
+        c = pairs.get(p, 0)
+        if c > 0:
+            heapq.heappush(heap, (-c, p))
         else:
-            out.append(seq[k])
-            k += 1
-    seqs[i] = out
-    for pair in zip(out, out[1:]):
-        pairs[pair] += f
-        where[pair].add(i)
+            pairs.pop(p, None)
+            where.pop(p, None)
 
 
 def save_tiktoken(ranks: dict[bytes, int], path: str | Path) -> None:
-    """Write `<base64 token> <rank>` lines (LF), ordered by rank."""
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
+    """Write `base64(token) rank` lines sorted by rank, LF endings (the qwen.tiktoken format)."""
+    lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    Path(path).write_text("".join(lines), encoding="ascii", newline="\n")
+
+
+def load_tiktoken(path: str | Path) -> dict[bytes, int]:
+    """Read a `base64(token) rank` file, e.g. the official qwen.tiktoken (151643 lines)."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="ascii").splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: expected 'base64 rank', got {line[:80]!r}") from e
+    return ranks

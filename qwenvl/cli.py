@@ -42,7 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible answers)")
     add_serve_parser(sub)
+    add_quantize_parser(sub)
     return parser
+
+
+def add_quantize_parser(sub) -> None:
+    quant = sub.add_parser("quantize", help="int8 / int4 weight-only quantization of the LLM linears")
+    quant.add_argument("--model", type=Path, required=True, help="float checkpoint folder")
+    quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    quant.add_argument("--group-size", type=int, default=128, help="int4 group size (inputs per scale)")
+    quant.add_argument("--asym", action="store_true", help="int4 with zero points instead of symmetric")
+    quant.add_argument("--out", type=Path, required=True, help="folder for the quantized checkpoint")
 
 
 def add_serve_parser(sub) -> None:
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_server(args)
+    if args.command == "quantize":
+        return run_quantize(args)
     try:
         model, tokenizer = _load(args.model or default_model_dir(), args.dtype)
     except USER_ERRORS as e:
@@ -99,6 +111,29 @@ def run_server(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Load in float32, swap the LLM linears, write config.json (+ scheme), weights, tokenizer, generation config."""
+    import shutil
+
+    from .quantize import quantize_model
+    from .weights import load_generation_config, load_model, save_checkpoint
+
+    try:
+        model = load_model(args.model, dtype="float32")
+        if model.config.quantization_config:
+            raise ValueError(f"{args.model} is already quantized ({model.config.quantization_config})")
+        scheme = quantize_model(model, args.bits, args.group_size, sym=not args.asym)
+        save_checkpoint(model, args.out, load_generation_config(args.model))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name in ("qwen.tiktoken",):
+        if (args.model / name).is_file():
+            shutil.copy(args.model / name, args.out / name)
+    print(f"wrote {args.out} ({scheme})", file=sys.stderr)
     return 0
 
 

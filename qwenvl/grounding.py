@@ -8,12 +8,16 @@ integers normalised to [0, 1000) (qwen_vl.md §7.7). Two families of functions l
 * robust ones for model output and the API (`Box`, `parse_boxes` never raises, `format_box(es)`,
   `strip_grounding`, `to_pixels` / `from_pixels`, `draw_boxes`).
 
-Box syntax is chosen by `BoxFormat`; only v1 (`BoxFormat.QWEN_VL`) exists so far. Qwen2-VL's
-`<|box_start|>` format is a new entry in `_FORMATS`, not a new parser.
+Box syntax is chosen by `BoxFormat`: v1 (`BoxFormat.QWEN_VL`) and Qwen2-VL (`BoxFormat.QWEN2_VL`,
+`<|object_ref_start|>r<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, same [0, 1000) space;
+qwen2_vl.md §9) are entries of `_FORMATS` sharing one parser. Qwen2.5-VL answers in JSON with `bbox_2d` in
+absolute pixels of the model-input (smart-resized) image: `parse_bbox_2d` reads those, and
+`bbox_2d_to_box` converts them explicitly to the [0, 1000) space.
 """
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 import unicodedata
@@ -44,6 +48,7 @@ class BoxFormat(enum.Enum):
     """How boxes are written in text."""
 
     QWEN_VL = "qwen_vl"  # <ref>r</ref><box>(x1,y1),(x2,y2)</box>, ints in [0, 1000)
+    QWEN2_VL = "qwen2_vl"  # <|object_ref_start|>r<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
 
 
 @dataclass(frozen=True)
@@ -174,14 +179,26 @@ def _fetch_all_box_with_ref(text: str) -> list[dict[str, Any]]:
 class _FormatSpec:
     tag_re: re.Pattern[str]  # group 1: "/" or "", group 2: the element kind
     box_re: re.Pattern[str]  # fullmatch of a box body, groups = x1, y1, x2, y2
+    ref_tags: tuple[str, str] = (REF_START, REF_END)  # how format_box writes a ref and a box
+    box_tags: tuple[str, str] = (BOX_START, BOX_END)
 
 
+_BOX_BODY_RE = re.compile(r"\s*\(\s*(?P<x1>[0-9]{1,6})\s*,\s*(?P<y1>[0-9]{1,6})\s*\)\s*,"
+                          r"\s*\(\s*(?P<x2>[0-9]{1,6})\s*,\s*(?P<y2>[0-9]{1,6})\s*\)\s*")
 _FORMATS = {
     BoxFormat.QWEN_VL: _FormatSpec(
         tag_re=re.compile(r"<(/?)(ref|box|quad)>"),
         # ASCII digits only (\d would accept "３"); at most 6 so int() is cheap and never refuses.
-        box_re=re.compile(r"\s*\(\s*(?P<x1>[0-9]{1,6})\s*,\s*(?P<y1>[0-9]{1,6})\s*\)\s*,"
-                          r"\s*\(\s*(?P<x2>[0-9]{1,6})\s*,\s*(?P<y2>[0-9]{1,6})\s*\)\s*"),
+        box_re=_BOX_BODY_RE,
+    ),
+    BoxFormat.QWEN2_VL: _FormatSpec(
+        # Same groups as v1: group 1 is "end" for a closing tag (captured by the look-ahead, None for an
+        # opening one), group 2 the kind: `<|object_ref_start|>` -> (None, "ref"), `<|box_end|>` -> ("end", "box").
+        tag_re=re.compile(r"<\|(?=(?:object_ref|box|quad)_(?:start|(end))\|>)(?:object_(?=ref_))?"
+                          r"(ref|box|quad)_(?:start|end)\|>"),
+        box_re=_BOX_BODY_RE,
+        ref_tags=("<|object_ref_start|>", "<|object_ref_end|>"),
+        box_tags=("<|box_start|>", "<|box_end|>"),
     ),
 }
 
@@ -230,10 +247,13 @@ def parse_boxes(text: str, fmt: BoxFormat = BoxFormat.QWEN_VL) -> list[Box]:
 
 
 def format_box(box: Box, fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
-    """`Box(1, 2, 3, 4, "dog")` -> `"<ref>dog</ref><box>(1,2),(3,4)</box>"` (no ref tag when ref is None)."""
-    _FORMATS[fmt]  # unknown formats fail here
-    ref = REF_START + box.ref + REF_END if box.ref is not None else ""
-    return ref + BOX_START + _coords_text((box.x1, box.y1, box.x2, box.y2)) + BOX_END
+    """`Box(1, 2, 3, 4, "dog")` -> `"<ref>dog</ref><box>(1,2),(3,4)</box>"` (no ref tag when ref is None).
+
+    With `BoxFormat.QWEN2_VL`: `"<|object_ref_start|>dog<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"`.
+    """
+    spec = _FORMATS[fmt]  # unknown formats fail here
+    ref = spec.ref_tags[0] + box.ref + spec.ref_tags[1] if box.ref is not None else ""
+    return ref + spec.box_tags[0] + _coords_text((box.x1, box.y1, box.x2, box.y2)) + spec.box_tags[1]
 
 
 def format_boxes(boxes: Iterable[Box], fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
@@ -262,6 +282,61 @@ def strip_grounding(text: str) -> str:
     text = _REF_WITH_BOXES.sub(r"\1", text)
     text = _BOX_OR_QUAD.sub("", text)
     return text.replace(REF_START, "").replace(REF_END, "")
+
+
+# ------------------------------------------------------------------- Qwen2.5-VL JSON boxes
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """A Qwen2.5-VL `bbox_2d`: absolute pixels of the model-input (smart-resized) image, and its `label`."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str | None = None
+
+
+_JSON_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+def parse_bbox_2d(text: str) -> list[PixelBox]:
+    """Every `{"bbox_2d": [x1, y1, x2, y2], "label": ...}` of a JSON answer (fenced or bare). Never raises.
+
+    Entries without 4 finite non-negative numbers are skipped; nothing parseable gives []. Example:
+    '```json\n[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}]\n```' -> [PixelBox(10, 20, 110, 220, "cat")].
+    """
+    fenced = _JSON_FENCE.findall(text)
+    for candidate in (fenced or []) + [text]:
+        try:
+            data = json.loads(candidate.strip())
+        except (ValueError, RecursionError):
+            continue
+        items = data if isinstance(data, list) else [data]
+        return [b for b in (_pixel_box(item) for item in items) if b is not None]
+    return []
+
+
+def _pixel_box(item: Any) -> PixelBox | None:
+    if not isinstance(item, dict) or not isinstance(item.get("bbox_2d"), list) or len(item["bbox_2d"]) != 4:
+        return None
+    coords = item["bbox_2d"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+               for v in coords):
+        return None
+    label = item.get("label")
+    return PixelBox(*(float(v) for v in coords), label=str(label) if label is not None else None)
+
+
+def bbox_2d_to_box(box: PixelBox, input_width: int, input_height: int) -> Box:
+    """A Qwen2.5-VL pixel box -> the [0, 1000) space, given the MODEL-INPUT size (not the original's).
+
+    The model-input size is `grid_thw[2] * 14` × `grid_thw[1] * 14` (width × height). Convert to the original
+    image with `to_pixels(box, orig_width, orig_height)`. Example, input 644 × 476 (a 640 × 480 photo):
+    `bbox_2d_to_box(PixelBox(322, 119, 644, 476, "cat"), 644, 476)` -> `Box(500, 250, 999, 999, "cat")`.
+    """
+    return from_pixels(box.x1, box.y1, box.x2, box.y2, input_width, input_height, scale=1000, ref=box.label)
 
 
 # ------------------------------------------------------------------------- pixel conversion

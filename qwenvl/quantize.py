@@ -1,5 +1,12 @@
 """Weight-only quantization as module swaps on the LLM's linears (the ViT and adapter stay in float).
 
+Our own schemes (`quantize_model`, recorded in config.json as
+`quantization_config = {"quant_method": "qwenvl", "bits": 8|4, "group_size": 128, "sym": bool}`):
+
+    Int8Linear   weight int8 [out, in], scales [out]            W = scales[o] * q[o, i]   (per output channel)
+    Int4Linear   qweight uint8 [out, in/2] (even input in the low nibble), scales [out, G], zeros [out, G]
+                 W = scales[o, g] * (q[o, i] - zeros[o, g]),  g = i // group_size;  sym: zeros = 8
+
 `GPTQLinear` holds a linear in the layout of the official Qwen-VL-Chat-Int4 checkpoints (AutoGPTQ, 4 bits,
 group size 128, "zero - 1" offset format) under the checkpoint's own buffer names, so such a checkpoint
 loads as a plain state dict, without AutoGPTQ or CUDA:
@@ -72,6 +79,157 @@ class GPTQLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), self.bias.to(x.dtype))
 
 
+class Int8Linear(nn.Module):
+    """Per-output-channel symmetric int8 weights: q = round(w / s), s = max|w_o| / 127."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127                            # [out]
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        out.weight.copy_(q)
+        out.scales.copy_(scales)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().float().clone()
+        return out
+
+    def dequantize(self) -> Tensor:
+        return self.weight.float() * self.scales[:, None]                               # [out, in]
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weights (symmetric or asymmetric), two codes per byte."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128, sym: bool = True):
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise ValueError(f"int4 needs {in_features=} divisible by {group_size=} (and even)")
+        self.in_features, self.out_features, self.group_size, self.sym = in_features, out_features, group_size, sym
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float32))
+        self.register_buffer("zeros", torch.full((out_features, groups), 8, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = True) -> "Int4Linear":
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, sym)
+        q, scales, zeros = quantize_int4(linear.weight.detach().float(), group_size, sym)
+        out.qweight.copy_(pack_int4(q))
+        out.scales.copy_(scales)
+        out.zeros.copy_(zeros)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().float().clone()
+        return out
+
+    def dequantize(self) -> Tensor:
+        q = unpack_nibbles(self.qweight).float()                                         # [out, in]
+        scales = self.scales.repeat_interleave(self.group_size, dim=1)                   # [out, in]
+        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
+        return (q - zeros) * scales
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+
+def quantize_int4(w: Tensor, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest int4 codes [out, in] (0..15), scales [out, G], zeros [out, G] for weight w [out, in].
+
+    Symmetric: zero 8, scale = clip * max|w| / 7. Asymmetric: scale = clip * (max - min) / 15,
+    zero = round(-clip * min / scale). For each group the clip ratio in CLIP_RATIOS with the smallest squared
+    error is kept (clipping a few outliers buys resolution for the rest).
+    Example (sym, one group [0.7, -0.35]): clip 1 gives scale 0.1, codes [15, 4] (4.5 rounds half to even),
+    squared error 0.0025; clip 0.95 gives scale 0.095, codes [15, 4], error 0.0021, so 0.95 is kept.
+    """
+    out_f, in_f = w.shape
+    g = w.view(out_f, in_f // group_size, group_size)                                   # [out, G, group]
+    best = None
+    for clip in CLIP_RATIOS:
+        q, scales, zeros = _rtn_int4(g, sym, clip)
+        err = ((q - zeros[..., None]) * scales[..., None] - g).pow(2).sum(-1)           # [out, G]
+        if best is None:
+            best = [q, scales, zeros, err]
+            continue
+        better = err < best[3]
+        best[0] = torch.where(better[..., None], q, best[0])
+        best[1], best[2], best[3] = (torch.where(better, a, b) for a, b in zip((scales, zeros, err), best[1:]))
+    q, scales, zeros, _ = best
+    return q.view(out_f, in_f).to(torch.uint8), scales, zeros.to(torch.uint8)
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _rtn_int4(g: Tensor, sym: bool, clip: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes, scales, zeros of groups g [out, G, group] for one clip ratio (float tensors)."""
+    if sym:
+        scales = (clip * g.abs().amax(-1) / 7).clamp(min=1e-12)
+        zeros = torch.full_like(scales, 8)
+    else:
+        lo, hi = clip * g.amin(-1).clamp(max=0), clip * g.amax(-1).clamp(min=0)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15)
+    return q, scales, zeros
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Codes [out, in] (0..15) -> bytes [out, in/2], input 2k in the low nibble. [[1, 2]] -> [[0x21]]."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4: bytes [out, in/2] -> codes [out, in]."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 128, sym: bool = True) -> dict:
+    """Swap the LLM block linears for Int8Linear / Int4Linear in place; returns (and records) the scheme."""
+    if bits == 8:
+        swap_linears(model, Int8Linear.from_linear)
+    elif bits == 4:
+        swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size, sym))
+    else:
+        raise ValueError(f"{bits=}: choose 8 or 4")
+    scheme = {"quant_method": "qwenvl", "bits": bits, "group_size": group_size, "sym": sym}
+    model.config.quantization_config = scheme
+    return scheme
+
+
+def quantized_swap(model: nn.Module, quantization_config: dict) -> None:
+    """Empty quantized shells for the scheme in config.json (before loading a quantized checkpoint)."""
+    cfg = quantization_config
+    method = cfg.get("quant_method", "gptq")
+    if method == "gptq":
+        gptq_swap(model, cfg)
+        return
+    if method != "qwenvl":
+        raise ValueError(f"unsupported quant_method {method!r} (supported: 'gptq', 'qwenvl')")
+    bits, group, sym = int(cfg["bits"]), int(cfg.get("group_size", 128)), bool(cfg.get("sym", True))
+
+    def make(lin: nn.Linear) -> nn.Module:
+        with torch.device(lin.weight.device):
+            if bits == 8:
+                return Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+            return Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, group, sym)
+
+    swap_linears(model, make)
+
+
 def swap_linears(model: nn.Module, make: callable) -> int:
     """Replace each LLM block linear (LLM_LINEARS in `transformer.h.*`) by `make(linear)`; returns the count."""
     count = 0
@@ -87,8 +245,6 @@ def swap_linears(model: nn.Module, make: callable) -> int:
 def gptq_swap(model: nn.Module, quantization_config: dict) -> None:
     """Turn the model's LLM linears into GPTQLinear shells (meta or real) matching `quantization_config`."""
     cfg = quantization_config
-    if cfg.get("quant_method", "gptq") != "gptq":
-        raise ValueError(f"unsupported quant_method {cfg.get('quant_method')!r}")
     if cfg.get("desc_act"):
         raise ValueError("GPTQ checkpoints with desc_act=true (act-order) are not supported yet")
     group = int(cfg.get("group_size", 128))

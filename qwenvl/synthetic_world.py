@@ -118,19 +118,25 @@ def object_phrase(colour: str | None, kind: str | None, lang: str, *, size: str 
     >>> object_phrase("red", "circle", "en", position="left", article="")
     'red circle on the left'
 
-    `kind=None` gives "object"/"图形"; `colour=None` drops the colour. `position` is one of
+    `kind=None` gives "object"/"图形"; `colour=None` drops the colour; article "a" becomes "an"
+    before a vowel. `position` is one of
     left/right/top/bottom.
     """
     if lang == "en":
         words = [article, size, colour_name(colour, "en") if colour else None,
                  shape_name(kind, "en") if kind else "object"]
-        phrase = " ".join(w for w in words if w)
+        words = [w for w in words if w]
+        if words[0] == "a" and words[1][0] in "aeiou":
+            words[0] = "an"
+        phrase = " ".join(words)
         if position:
             phrase += {"left": " on the left", "right": " on the right",
                        "top": " at the top", "bottom": " at the bottom"}[position]
         return phrase
     noun = shape_name(kind, "zh") if kind else "图形"
-    if size == "medium":
+    if position and size is None:  # 左边的红色圆形, not 左边的红色的圆形
+        noun = (colour_name(colour, "zh") if colour else "") + noun
+    elif size == "medium":
         noun = "中等大小的" + (colour_name(colour, "zh") if colour else "") + noun
     else:
         noun = {"large": "大", "small": "小", None: ""}[size] + noun

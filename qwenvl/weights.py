@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import GenerationConfig, QWenConfig
 from .model import QWenLMHeadModel
-from .quantize import gptq_swap
+from .quantize import quantized_swap
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -109,7 +109,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto") 
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
         if config.quantization_config:
-            gptq_swap(model, config.quantization_config)     # qweight/qzeros/scales/g_idx/bias buffers
+            quantized_swap(model, config.quantization_config)   # quantized shells with the stored names
     load_into(model, checkpoint_files(model_dir), dtype)
     return model.eval()
 
@@ -134,7 +134,8 @@ def load_into(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
 
 
 def _keep_stored(key: str) -> bool:
-    # GPTQ scales stay float16 as stored: dequantising in float32 is then exact (bf16 would lose bits).
+    # Quantization scales stay as stored (GPTQ: float16; ours: float32): dequantising in float32 is then
+    # exact, where a cast to bf16 would lose bits.
     return key.endswith(".scales")
 
 

@@ -37,8 +37,10 @@ from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
 from qwenvl.sampling import SamplingParams
-from qwenvl.synthetic_scenes import SceneSpec, render_scene, sample_scene
-from qwenvl.tokenizer import PAT_STR, QWenTokenizer
+from qwenvl.bpe import save_tiktoken, train_bpe
+from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, build_task, render_scene, sample_scene,
+                              to_conversations, world_text)
+from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
 from qwenvl.train import LossLog, adamw, atomic_torch_save, cosine_lr, load_state, plot_losses, save_state, set_trainable
 from qwenvl.weights import save_checkpoint
@@ -205,14 +207,11 @@ if wanted("vit_pretrain"):
 
 
 # --------------------------------------------------------------------------- tokenizer
-from qwenvl.bpe import save_tiktoken, train_bpe  # noqa: E402
-import demo_tasks as tasks  # noqa: E402  (scripts/demo_tasks.py: the task mixes of each stage)
-
 tok_dir = OUT / "tokenizer"
 if not (tok_dir / "qwen.tiktoken").is_file():
     log(f"tokenizer: BPE with {BPE_MERGES} merges on {BPE_TEXTS} world texts")
-    texts = list(tasks.world_text(random.Random(args.seed), BPE_TEXTS))
-    ranks = train_bpe(texts, 256 + BPE_MERGES, PAT_STR)
+    texts = list(world_text(random.Random(args.seed), BPE_TEXTS))
+    ranks = train_bpe(texts, 256 + BPE_MERGES, PAT_STR, special_tokens=SPECIAL_TOKENS)
     tok_dir.mkdir(parents=True, exist_ok=True)
     save_tiktoken(ranks, tok_dir / "qwen.tiktoken.tmp")
     (tok_dir / "qwen.tiktoken.tmp").replace(tok_dir / "qwen.tiktoken")
@@ -229,42 +228,75 @@ log(f"model: {n_params / 1e6:.2f} M parameters")
 
 
 # --------------------------------------------------------------------------- batches
-def raw_example(sample: tasks.Sample) -> Rendered:
+@dataclasses.dataclass
+class Sample:
+    """One task instance: official fine-tune turns, the scenes its `<img>` spans name, scoring fields."""
+
+    task: str
+    lang: str
+    conversations: list[dict]
+    scenes: tuple
+    fields: dict
+
+    @property
+    def images(self) -> list:
+        return [render_scene(s) for s in self.scenes]
+
+
+def make_sample(rng: random.Random, task: str, lang: str, spec: SceneSpec, heldout: bool = False) -> Sample:
+    """A task instance whose images are named 0, 1, ...; half the single-image ones use the official
+    eval prompt style (`<img>0</img>question`, a grounding prompt ending in `<box>`)."""
+    result = build_task(rng, task, lang, spec, heldout=heldout)
+    conv = to_conversations(result, [str(k) for k in range(len(result.scenes))])
+    if len(result.scenes) == 1 and rng.random() < 0.5:
+        conv[0]["value"] = conv[0]["value"].replace("Picture 1: <img>0</img>\n", "<img>0</img>", 1)
+        if conv[1]["value"].startswith("<box>") and len(conv) == 2:
+            conv[0]["value"] += "<box>"
+            conv[1]["value"] = conv[1]["value"][len("<box>"):]
+    return Sample(task, lang, conv, result.scenes, result.fields)
+
+
+def sample_mix(rng: random.Random, stage: str, n: int) -> list[Sample]:
+    mix = STAGE_MIXES[stage]
+    spec = SceneSpec().replace(**STAGE_SPECS[stage])
+    picks = rng.choices(list(mix), weights=list(mix.values()), k=n)
+    return [make_sample(rng, task, lang, spec) for task, lang in picks]
+
+
+def raw_example(sample: Sample) -> Rendered:
     """Stages 1-2 (pre-training): raw prompt, supervise the answer and <|endoftext|> (first turn only)."""
     prompt = tok.encode(sample.conversations[0]["value"])
     answer = tok.encode(sample.conversations[1]["value"]) + [tok.eod_id]
     return Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 
-def chat_example(sample: tasks.Sample) -> Rendered:
+def chat_example(sample: Sample) -> Rendered:
     """Stage 3 (SFT): ChatML with the official supervision rule."""
-    return render_sft(sample.conversations, tok, sample_id=sample.id)
+    return render_sft(sample.conversations, tok, sample_id=sample.task)
 
 
-def vl_batch(samples: list[tasks.Sample], resolution: int, chatml: bool) -> dict:
+def vl_batch(samples: list[Sample], resolution: int, chatml: bool) -> dict:
     rows = [chat_example(s) if chatml else raw_example(s) for s in samples]
     ids, labels, mask = collate(rows, tok.pad_token_id)
     images = [im for s in samples for im in s.images]
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": pixels(images, resolution),
-            "weights": torch.tensor([s.weight for s in samples])}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": pixels(images, resolution)}
 
 
 def vl_loss(batch: dict) -> torch.Tensor:
+    """Mean over samples of each sample's mean token loss (per-sample weighting)."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"])
-    per = per_sample_loss(logits, batch["labels"])
-    return (per * batch["weights"]).sum() / batch["weights"].sum()
+    return per_sample_loss(logits, batch["labels"]).mean()
 
 
 # --------------------------------------------------------------------------- lm_pretrain
 def text_batch(rng: random.Random, stage: Stage) -> dict:
     rows = []
-    for text in tasks.world_text(rng, stage.batch):
-        ids = tok.encode_untrusted(text)[:96] + [tok.eod_id]
+    for text in world_text(rng, stage.batch):
+        ids = tok.encode(text)[:128] + [tok.eod_id]         # ChatML and box tags as the model will see them
         rows.append(Rendered(ids, ids))
     ids, labels, mask = collate(rows, tok.pad_token_id)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": None,
-            "weights": torch.ones(len(rows))}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": None}
 
 
 if wanted("lm_pretrain"):
@@ -273,16 +305,16 @@ if wanted("lm_pretrain"):
 
 
 # --------------------------------------------------------------------------- stage 1, 2, 3
-def stage_batch(mix_name: str, chatml: bool):
+def stage_batch(chatml: bool):
     def make(rng: random.Random, stage: Stage) -> dict:
-        return vl_batch(tasks.sample_mix(rng, mix_name, stage.batch), stage.resolution, chatml)
+        return vl_batch(sample_mix(rng, stage.name, stage.batch), stage.resolution, chatml)
     return make
 
 
 def image_use_check(name: str) -> dict:
     """Loss on held-out samples with their real images vs blank ones: the model must use the image."""
     rng = random.Random(f"{args.seed}-check")
-    batch = vl_batch(tasks.sample_mix(rng, "stage2_full", 32), 224, chatml=False)
+    batch = vl_batch(sample_mix(rng, "stage2", 32), 224, chatml=False)
     with torch.no_grad():
         real = vl_loss(batch).item()
         if batch["images"] is not None:
@@ -295,36 +327,61 @@ def image_use_check(name: str) -> dict:
 
 if wanted("stage1"):
     set_trainable(model, vit=True, adapter=True, llm=False)
-    run_stage(STAGES["stage1"], model, stage_batch("stage1", chatml=False), vl_loss)
+    run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss)
     image_use_check("stage1")
 
 if wanted("stage2"):
     set_trainable(model, vit=True, adapter=True, llm=True)
-    run_stage(STAGES["stage2_easy"], model, stage_batch("stage2_easy", chatml=False), vl_loss)
+    run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss)
     image_use_check("stage2_easy")
-    run_stage(STAGES["stage2"], model, stage_batch("stage2", chatml=False), vl_loss)
+    run_stage(STAGES["stage2"], model, stage_batch(chatml=False), vl_loss)
     image_use_check("stage2")
 
 if wanted("stage3"):
     set_trainable(model, vit=False, adapter=True, llm=True)
-    run_stage(STAGES["stage3"], model, stage_batch("stage3", chatml=True), vl_loss)
+    run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss)
 
 
 # --------------------------------------------------------------------------- quick held-out check
+EVAL_TASKS = [("vqa_" + k, lang) for k in ("colour", "shape", "count", "position", "relation", "yesno")
+              for lang in ("en", "zh")] + [("grounding", "en"), ("grounding", "zh"), ("ocr", "en"), ("ocr", "zh"),
+                                           ("multi_image", "en"), ("multi_image", "zh")]
+
+
+def score(sample: Sample, answer: str) -> float:
+    """1 for a right answer: IoU >= 0.5 for grounding (pixels), else normalised exact match."""
+    if sample.task == "grounding":
+        boxes = parse_boxes(answer if "<box>" in answer else "<box>" + answer)
+        if not boxes:
+            return 0.0
+        w, h = sample.fields["width"], sample.fields["height"]
+        b = boxes[0]
+        pred = (b.x1 * w / 1000, b.y1 * h / 1000, b.x2 * w / 1000, b.y2 * h / 1000)
+        return float(_iou(pred, sample.fields["bbox"]) >= 0.5)
+    return float(answer.strip().strip(".。").lower() == str(sample.fields["answer"]).strip().lower())
+
+
+def _iou(a, b) -> float:
+    ix, iy = max(0, min(a[2], b[2]) - max(a[0], b[0])), max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
 @torch.no_grad()
-def quick_eval(n: int = 24 if not args.smoke else 2) -> dict:
-    """Greedy answers to fresh ChatML samples of each task: exact match, or IoU >= 0.5 for boxes."""
+def quick_eval(n: int = 16 if not args.smoke else 2) -> dict:
+    """Greedy ChatML answers to fresh held-out samples of each task (same seed every time)."""
     model.eval()
     scores = {}
-    for task in tasks.EVAL_TASKS:
-        samples = tasks.sample_task(random.Random(f"eval-{task}"), task, n)
+    for task, lang in EVAL_TASKS:
+        rng = random.Random(f"quick-eval-{task}-{lang}")
+        samples = [make_sample(rng, task, lang, SceneSpec(), heldout=True) for _ in range(n)]
         contexts = [render_sft(s.conversations[:1], tok).input_ids + tok.encode("<|im_start|>assistant\n") for s in samples]
         ids, mask = left_pad(contexts, tok.pad_token_id)
         images = pixels([im for s in samples for im in s.images], 224)
         out = generate(model, ids, SamplingParams(max_new_tokens=40, do_sample=False), attention_mask=mask,
                        images=images, eos_token_id=tok.im_end_id)
-        answers = [tok.decode([t for t in row if t < tok.eod_id]).strip() for row in out.tolist()]
-        scores[task] = float(np.mean([tasks.score(task, s, a) for s, a in zip(samples, answers)]))
+        answers = [tok.decode([t for t in row if t < tok.eod_id or t in tok.image_special_ids]) for row in out.tolist()]
+        scores[f"{task}_{lang}"] = float(np.mean([score(s, a) for s, a in zip(samples, answers)]))
     log(f"quick eval: {scores}")
     return scores
 

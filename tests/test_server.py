@@ -421,12 +421,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(model, tokenizer):
         for _ in range(3):
             next(chunks)
         stream.close()                                   # the client goes away after 3 chunks
-        t0 = time.monotonic()
         r = c.chat.completions.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
-        assert r.usage.completion_tokens >= 1
-        assert time.monotonic() - t0 < 4                 # 300 tokens at 20 ms would take 6 s: the row was freed
+        assert r.usage.completion_tokens >= 1            # max_batch=1: admitted only once the row was free
         finished = httpx.get(s.url + "/health").json()["engine"]["finished"]
-        assert finished["cancelled"] == 1
+        assert finished["cancelled"] == 1                # freed by the cancellation, not by running out of tokens
+        assert finished.get("length", 0) <= 1
 
 
 # ------------------------------------------------------------------ hostile inputs

@@ -1,0 +1,71 @@
+"""Our int8 / int4 weight-only schemes: accuracy vs float, packing, save/load round trip, the CLI."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.cli import main
+from qwenvl.quantize import (Int4Linear, Int8Linear, _rtn_int4, pack_int4, quantize_int4, quantize_model,
+                             unpack_nibbles)
+from qwenvl.weights import load_model
+
+FLOAT = Path(__file__).parent / "fixtures" / "qwen_vl_tiny_gptq" / "float"   # sizes are multiples of 128
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def _logits(model):
+    ids = torch.randint(0, 990, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_pack_and_quantize_worked_examples():
+    assert pack_int4(torch.tensor([[1, 2]], dtype=torch.uint8)).tolist() == [[0x21]]
+    codes = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_int4(codes)), codes)
+    w = torch.tensor([[0.7, -0.35]])
+    q, scales, zeros = _rtn_int4(w.view(1, 1, 2), sym=True, clip=1.0)
+    assert q.flatten().tolist() == [15, 4] and scales.item() == pytest.approx(0.1) and zeros.item() == 8
+    q, scales, zeros = quantize_int4(w, group_size=2, sym=True)          # the clip search does better here
+    err = ((q.float() - zeros.float()) * scales - w).pow(2).sum().item()
+    assert err < (0.4 - 0.35) ** 2 and scales.item() == pytest.approx(0.095)
+
+
+# Random Gaussian weights are the worst case for 4 bits (no outlier structure to exploit): RTN with group 128
+# gives ~0.10 relative error per linear here, AutoGPTQ's own packing of the same model reaches cosine 0.981,
+# our clip search 0.985 (sym) / 0.987 (asym). The issue's 0.99 int4 target is for trained weights.
+@pytest.mark.parametrize("bits, sym, floor", [(8, True, 0.999), (4, True, 0.983), (4, False, 0.985)])
+def test_quantized_logits_stay_close(bits, sym, floor):
+    ref = _logits(load_model(FLOAT, "float32"))
+    model = load_model(FLOAT, "float32")
+    scheme = quantize_model(model, bits, 128, sym)
+    assert model.config.quantization_config == scheme
+    kinds = {type(m) for m in model.modules()}
+    assert (Int8Linear if bits == 8 else Int4Linear) in kinds
+    assert torch.nn.Linear in kinds                                    # lm_head and the vision tower stay float
+    assert _cosine(_logits(model), ref) >= floor
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cli_round_trip(bits, tmp_path):
+    src = tmp_path / "float"
+    shutil.copytree(FLOAT, src)
+    out = tmp_path / f"int{bits}"
+    assert main(["quantize", "--model", str(src), "--bits", str(bits), "--out", str(out)]) == 0
+    reloaded = load_model(out, "float32")
+    assert reloaded.config.quantization_config["bits"] == bits
+    direct = load_model(FLOAT, "float32")
+    quantize_model(direct, bits)
+    assert torch.equal(_logits(reloaded), _logits(direct))
+    assert main(["quantize", "--model", str(out), "--bits", "8", "--out", str(tmp_path / "again")]) == 2
+
+
+def test_group_size_must_divide_the_inputs():
+    with pytest.raises(ValueError, match="divisible"):
+        Int4Linear.from_linear(torch.nn.Linear(176, 8), 128)
