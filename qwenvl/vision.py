@@ -170,13 +170,24 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init for training from scratch (OpenCLIP-like); the resampler gets its sin-cos table."""
+        """Random init for training from scratch (OpenCLIP-like); the resampler gets its sin-cos table.
+
+        The resampler's q/k projections get std 1.5/sqrt(C), so query-key logits start with a spread of a
+        few units and each query looks at its own region of the sin-cos grid. With a small fixed std
+        (0.02) a narrow adapter starts with uniform attention: every query averages all patches, the
+        features barely differ between images, and the LM learns to ignore them (measured on the demo
+        model). At the real width (4096) the official xavier init already gives such logits.
+        """
         for name, p in self.named_parameters():
             if name.endswith("pos_embed"):
                 grid = math.isqrt(p.shape[0])
                 p.copy_(sincos_pos_table(p.shape[1], grid))
             elif p.ndim == 1:
                 p.fill_(1.0 if _is_norm_weight(name) else 0.0)
+            elif name == "attn_pool.attn.in_proj_weight":
+                p.normal_(0.0, 1.5 / math.sqrt(p.shape[1]), generator=generator)
+            elif name == "attn_pool.kv_proj.weight":
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=generator)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
 

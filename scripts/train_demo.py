@@ -74,8 +74,8 @@ FULL = {
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
     "stage1": Stage("stage1", 600, 32, 5e-4, 60, resolution=112),
     "stage2_easy": Stage("stage2_easy", 800, 24, 4e-4, 80),
-    "stage2": Stage("stage2", 2400, 24, 3e-4, 100),
-    "stage3": Stage("stage3", 1000, 16, 2e-4, 100),
+    "stage2": Stage("stage2", 1200, 24, 3e-4, 100),
+    "stage3": Stage("stage3", 600, 16, 2e-4, 60),
 }
 SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
 STAGES = SMOKE if args.smoke else FULL
@@ -222,7 +222,6 @@ log(f"tokenizer: {n_ranks} ranks, vocab {tok.n_vocab} (embedding rows {config.vo
 
 model = QWenLMHeadModel(config)
 model.init_weights(torch.Generator().manual_seed(args.seed))
-model.transformer.visual.load_state_dict(visual_tower.state_dict())   # the pretrained ViT
 n_params = sum(p.numel() for p in model.parameters())
 log(f"model: {n_params / 1e6:.2f} M parameters")
 
@@ -305,6 +304,16 @@ if wanted("lm_pretrain"):
 
 
 # --------------------------------------------------------------------------- stage 1, 2, 3
+def assemble_visual() -> None:
+    """The pretrained ViT trunk + a freshly initialised adapter (resampler, ln_post, proj), as in the paper."""
+    fresh = VisionTransformer(config.visual)
+    fresh.init_weights(torch.Generator().manual_seed(args.seed + 1))
+    state = fresh.state_dict()
+    state.update({k: v for k, v in visual_tower.state_dict().items() if not k.startswith("attn_pool.")
+                  and k not in ("ln_post.weight", "ln_post.bias", "proj")})
+    model.transformer.visual.load_state_dict(state)
+
+
 def stage_batch(chatml: bool):
     def make(rng: random.Random, stage: Stage) -> dict:
         return vl_batch(sample_mix(rng, stage.name, stage.batch), stage.resolution, chatml)
@@ -326,6 +335,7 @@ def image_use_check(name: str) -> dict:
 
 
 if wanted("stage1"):
+    assemble_visual()
     set_trainable(model, vit=True, adapter=True, llm=False)
     run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss)
     image_use_check("stage1")
