@@ -5,6 +5,9 @@
     qwenvl chat --model DIR --image cat.png --draw boxes.png "Where is the cat?"
     qwenvl chat --model DIR                       # interactive; :image PATH, :draw OUT.png, :clear, :quit
     qwenvl serve --model DIR --port 8000          # then open http://127.0.0.1:8000/
+
+The family (Qwen-VL or Qwen2-VL) comes from the checkpoint's config.json; Qwen2-VL also takes
+`--min-pixels` / `--max-pixels` (per-image size limits) and `--video PATH` (an animated GIF/WebP/PNG).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .api import QWenVL
+from .families import family_name, load_family
 from .tokenizer import QWenTokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
@@ -41,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the model's sampling")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible answers)")
+    chat.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL: smallest image area (pixels)")
+    chat.add_argument("--max-pixels", type=int, default=None, help="Qwen2-VL: largest image area (pixels)")
+    chat.add_argument("--video", action="append", default=[],
+                      help="Qwen2-VL: an animated GIF/WebP/PNG to ask about; repeat for several")
     add_serve_parser(sub)
     add_quantize_parser(sub)
     return parser
@@ -82,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(args)
     if args.command == "quantize":
         return run_quantize(args)
+    model_dir = args.model or default_model_dir()
     try:
-        model, tokenizer = _load(args.model or default_model_dir(), args.dtype)
+        if family_name(model_dir) == "qwen2_vl":
+            session: ChatSession = Qwen2ChatSession(*load_family(model_dir, args.dtype), args)
+        else:
+            if args.video:
+                raise ValueError("--video needs a Qwen2-VL checkpoint")
+            session = ChatSession(*_load(model_dir, args.dtype), args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    session = ChatSession(model, tokenizer, args)
     if args.question is not None:
         return 0 if session.ask(args.question, args.image, args.draw) else 2
     return session.repl()
@@ -223,6 +236,111 @@ class ChatSession:
         else:
             return False
         return True
+
+
+class Qwen2ChatSession(ChatSession):
+    """The same session for Qwen2-VL: its chat template, dynamic-resolution images, videos, M-RoPE generation.
+
+    `history` holds one turn per answer: (user message, answer, images, image (patches, grid), videos).
+    """
+
+    def __init__(self, model, tokenizer, family, args: argparse.Namespace):
+        super().__init__(model, tokenizer, args)
+        self.family = family
+        self.pending_videos = list(args.video)              # asked with the first question
+
+    def ask(self, question: str, images: list[str], draw: Path | None) -> bool:
+        videos, self.pending_videos = self.pending_videos, []
+        try:
+            turn = self._user_turn(question, images, videos)
+            response = self._stream(turn)
+        except USER_ERRORS as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            return False
+        self.history.append((turn[0], response, *turn[1:]))
+        if draw is not None:
+            self._draw(response, draw)
+        return True
+
+    def _user_turn(self, question: str, images: list[str], videos: list[str]) -> tuple:
+        from .images import TRUSTED, load_image
+        from .processor import preprocess_images, preprocess_video
+
+        limits = {"min_pixels": self.args.min_pixels, "max_pixels": self.args.max_pixels}
+        pictures = [load_image(p, TRUSTED) for p in images]
+        pixels = preprocess_images(pictures, self.family.processor, **limits) if pictures else None
+        clips = [preprocess_video(v, config=self.family.processor, **limits)[:2] for v in videos]
+        content = [{"type": "image"}] * len(pictures) + [{"type": "video"}] * len(clips)
+        message = {"role": "user", "content": content + [{"type": "text", "text": question}]}
+        return message, pictures, pixels, clips
+
+    def _stream(self, turn: tuple) -> str:
+        from .qwen2_vl_chat import DEFAULT_SYSTEM, render_ids
+        from .qwen2_vl_generation import VisionInputs, generate_stream
+
+        messages, images, videos = [], [], []
+        for past in [*self.history, (turn[0], None, *turn[1:])]:
+            messages.append(past[0])
+            if past[1] is not None:
+                messages.append({"role": "assistant", "content": past[1]})
+            images += [past[3]] if past[3] is not None else []
+            videos += past[4]
+        if self.args.system is not None:
+            messages = [{"role": "system", "content": self.args.system}] + messages
+        vision = VisionInputs(*_cat(images), *_cat(videos))
+        ids = render_ids(messages, self.tokenizer, vision.image_grid_thw, vision.video_grid_thw,
+                         self.family.merge_size, default_system=DEFAULT_SYSTEM)
+        stops = [s[0] for s in self.family.stop_words_ids(self.tokenizer)]
+        params = _qwen2_sampling(self.args, self.args.model or default_model_dir())
+        tok, shown, out = self.tokenizer, "", []
+        for step in generate_stream(self.model, torch.tensor([ids]), params, vision=vision, generator=self.generator,
+                                    eos_token_id=stops):
+            token = int(step[0])
+            if token in stops:
+                break
+            if not self.family.visible(tok, token):
+                continue
+            out.append(token)
+            text = self.family.decode_text(tok, out).rstrip("\ufffd")
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        response = self.family.decode_text(tok, out)
+        print(response[len(shown):], flush=True)
+        return response
+
+    def _draw(self, response: str, out: Path) -> None:
+        from .grounding import draw_boxes, parse_boxes
+
+        pictures = [p for turn in self.history for p in turn[2]]
+        boxes = parse_boxes(response, self.family.box_format)
+        if not pictures or not boxes:
+            print("(no picture or no box in the answer: nothing drawn)", file=sys.stderr)
+            return
+        draw_boxes(pictures[-1], boxes).save(out)
+        print(f"(boxes drawn on {out})", file=sys.stderr)
+
+
+def _qwen2_sampling(args: argparse.Namespace, model_dir: Path):
+    """generation_config.json's sampling values (when the folder has one), --greedy and --max-new-tokens on top."""
+    import json
+
+    from .sampling import SamplingParams
+
+    path = Path(model_dir) / "generation_config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+    values = {k: raw[k] for k in keys if raw.get(k) is not None}
+    if args.greedy:
+        values["do_sample"] = False
+    values["max_new_tokens"] = args.max_new_tokens or raw.get("max_new_tokens") or 512
+    return SamplingParams(**values)
+
+
+def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(patches, grid_thw) pairs -> all patches [N, C*Tp*P*P] and all grids [n, 3], or (None, None)."""
+    if not parts:
+        return None, None
+    return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A continuous-batching inference engine: prompt ids (+ image pixels) in, generated ids out.
 
 It knows nothing of HTTP, chat templates or text: the server renders messages to ids and decodes ids
-to text. What it does know (the model's interface: `model(input_ids, image_features=..., kv_cache=...)`,
-`model.encode_images(pixels)`, `model.config`) is all it needs.
+to text. The model itself is reached through its family adapter (families.py: the cache shape, the
+prefill / decode calls with their positions, the image encoder), so Qwen-VL and Qwen2-VL share this loop;
+a Qwen2-VL request keeps its M-RoPE `rope_delta` from prefill to every decode step.
 
 Life of a request:
 
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .families import family_of
 from .generation import left_pad
 from .kv_cache import KVCache
 from .sampling import SamplingParams, ends_with_stop, sample
@@ -64,10 +66,12 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 @dataclass(frozen=True)
 class ImageInput:
     """One image of a prompt, in span order: a content key (`images.image_digest`) and pixels [3, S, S],
-    or a function making them (called only when the features are not cached)."""
+    or a function making them (called only when the features are not cached). Qwen2-VL: pixels are the
+    image's patches [N, C*Tp*P*P] and `grid_thw` its grid (the key must then include the pixel limits)."""
 
     key: str
     pixels: Tensor | Callable[[], Tensor]
+    grid_thw: tuple[int, int, int] | None = None
 
     def tensor(self) -> Tensor:
         return self.pixels() if callable(self.pixels) else self.pixels
@@ -178,6 +182,7 @@ class _Sequence:
     seen: Tensor | None                 # [1, V] bool, tokens seen (repetition penalty); None when off
     generated: list[int] = field(default_factory=list)
     start: int = 0                      # first cache slot of its run (see the layout above)
+    rope_delta: int = 0                 # Qwen2-VL: M-RoPE id - token count, fixed at prefill (0 for v1)
 
 
 class Engine:
@@ -186,7 +191,7 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, kv_budget_bytes: int | None = None,
                  feature_cache_bytes: int = 256 * 2**20, prefix_cache_bytes: int = 256 * 2**20,
                  eos_token_id: int | None = None,
-                 max_prefill_tokens: int = 4096, max_waiting: int = 256):
+                 max_prefill_tokens: int = 4096, max_waiting: int = 256, family=None):
         """Args:
             max_batch: most requests decoded together.
             max_len: most tokens of one request, prompt + completion (the length of a cache row).
@@ -195,14 +200,16 @@ class Engine:
             feature_cache_bytes: memory for cached image features.
             prefix_cache_bytes: memory for cached K/V of prompt prefixes that end with an image (0: off).
             max_prefill_tokens: most (padded) prompt tokens prefilled in one step (one request always is).
+            family: the model family's adapter (families.py); default: picked from the model's class.
         """
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"need max_batch >= 1 and max_len >= 2, got {max_batch=} {max_len=}")
         self.model = model
+        self.family = family or family_of(model)
         self.max_len, self.max_prefill_tokens, self.max_waiting = max_len, max_prefill_tokens, max_waiting
         self.eos_token_id = eos_token_id
         self.dtype = next(model.parameters()).dtype
-        self.cache = KVCache.empty(model.config, self._rows(max_batch, kv_budget_bytes), max_len, self.dtype)
+        self.cache = self.family.new_cache(self._rows(max_batch, kv_budget_bytes), max_len, self.dtype)
         self.features = LRUCache(feature_cache_bytes)
         self.prefixes = LRUCache(prefix_cache_bytes)
         self.running: list[_Sequence] = []          # running[i] owns cache row i
@@ -214,7 +221,7 @@ class Engine:
         self._next_id = 0
 
     def _rows(self, max_batch: int, kv_budget_bytes: int | None) -> int:
-        per_row = kv_bytes_per_token(self.model.config, self.dtype) * self.max_len
+        per_row = self.family.kv_bytes_per_token(self.dtype) * self.max_len
         if kv_budget_bytes is None:
             return max_batch
         if kv_budget_bytes < per_row:
@@ -249,16 +256,10 @@ class Engine:
             raise ValueError("the prompt is empty")
         if n + m > self.max_len:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({m}) = {n + m} is over max_len={self.max_len}")
-        vocab = self.model.config.vocab_size
+        vocab = self.family.vocab_size
         if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
             raise ValueError(f"prompt ids must be in [0, {vocab})")
-        visual = self.model.config.visual
-        n_spans = request.prompt_ids.count(visual.image_start_id)
-        if n_spans != len(request.images):
-            raise ValueError(f"the prompt has {n_spans} image spans but {len(request.images)} images were given")
-        size = (3, visual.image_size, visual.image_size)
-        if any(isinstance(img.pixels, Tensor) and tuple(img.pixels.shape) != size for img in request.images):
-            raise ValueError(f"image pixels must have shape {size}")
+        self.family.check_images(request.prompt_ids, request.images)
 
     # ------------------------------------------------------------------ the loop (engine thread)
 
@@ -338,10 +339,11 @@ class Engine:
         outputs: list[Output] = []
         if fresh:
             ids, mask = left_pad([r.prompt_ids for _, r in fresh], pad_id=0)           # [k, T]
-            block = KVCache.empty(self.model.config, ids.shape[0], ids.shape[1], self.dtype)
-            logits = self.model(ids, image_features=self._image_features([r.images for _, r in fresh]),
-                                attention_mask=mask, kv_cache=block, last_only=True)[:, -1]  # [k, V]
-            outputs += self._start(fresh, block, logits)
+            block = self.family.new_cache(ids.shape[0], ids.shape[1], self.dtype)
+            images = [r.images for _, r in fresh]
+            grids = [img.grid_thw for imgs in images for img in imgs]
+            logits, deltas = self.family.prefill(ids, mask, self._image_features(images), grids, block)  # [k, V]
+            outputs += self._start(fresh, block, logits, deltas)
         for rid, request, (n_cached, prefix) in cached:
             block = self._block_from_prefix(prefix, len(request.prompt_ids))
             images = request.images[request.prompt_ids[:n_cached].count(self._image_start):]
@@ -351,11 +353,14 @@ class Engine:
         self._prefilling = []
         return outputs
 
-    def _start(self, admitted: list[tuple[int, Request]], block: KVCache, logits: Tensor) -> list[Output]:
+    def _start(self, admitted: list[tuple[int, Request]], block: KVCache, logits: Tensor,
+               rope_deltas: list[int] | None = None) -> list[Output]:
         """After a prefill into `block`: remember image prefixes, sample first tokens, place the rows."""
         for j, (_, request) in enumerate(admitted):
             self._remember_prefix(request, block, j)
         seqs = [self._new_sequence(rid, r) for rid, r in admitted]
+        for seq, delta in zip(seqs, rope_deltas or []):
+            seq.rope_delta = int(delta)
         outputs = self._sample_and_record(logits, seqs)
         keep = [j for j, out in enumerate(outputs) if out.finish_reason is None]
         if keep:
@@ -371,8 +376,7 @@ class Engine:
         n = len(self.running)
         view = self._view(n)
         last = torch.tensor([[s.generated[-1]] for s in self.running])                 # [n, 1]
-        logits = self.model(last, attention_mask=torch.ones(n, 1, dtype=torch.long), kv_cache=view,
-                            last_only=True)[:, -1]                                        # [n, V]
+        logits = self.family.decode(last, view, [s.rope_delta for s in self.running])  # [n, V]
         self.cache.length = view.length
         outputs = self._sample_and_record(logits, self.running)
         for i in reversed(range(n)):
@@ -390,7 +394,7 @@ class Engine:
             generator.manual_seed(request.seed)
         seen = None
         if request.params.repetition_penalty != 1.0:       # as generate: the prompt counts as seen
-            seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)
+            seen = torch.zeros(1, self.family.vocab_size, dtype=torch.bool)
             seen[0, request.prompt_ids] = True
         return _Sequence(rid, request, generator, seen)
 
@@ -416,7 +420,8 @@ class Engine:
     # ------------------------------------------------------------------ image features
 
     def _image_features(self, per_request: list[list[ImageInput]]) -> Tensor | None:
-        """Features [N, Q, C] of all the images in order; only unseen images go through the vision tower."""
+        """Features of all the images in order ([N, Q, C] for v1, [M, C] for Qwen2-VL); only unseen images
+        go through the vision tower."""
         images = [img for imgs in per_request for img in imgs]
         if not images:
             return None
@@ -424,19 +429,20 @@ class Engine:
         for img in images:
             if img.key not in found and (cached := self.features.get(img.key)) is not None:
                 found[img.key] = cached
-        missing = {img.key: img.tensor() for img in images if img.key not in found}
+        missing = {img.key: img for img in images if img.key not in found}
         if missing:
-            encoded = self.model.encode_images(torch.stack(list(missing.values())))      # [M, Q, C]
+            encoded = self.family.encode([img.tensor() for img in missing.values()],
+                                         [img.grid_thw for img in missing.values()])
             for key, features in zip(missing, encoded):
                 found[key] = features.clone()                # own storage, so the LRU frees it alone
                 self.features.put(key, found[key])
-        return torch.stack([found[img.key] for img in images])                          # [N, Q, C]
+        return self.family.join([found[img.key] for img in images], [img.grid_thw for img in images])
 
     # ------------------------------------------------------------------ prompt-prefix cache
 
     @property
     def _image_start(self) -> int:
-        return self.model.config.visual.image_start_id
+        return self.family.image_start_id
 
     def _prefix_key(self, request: Request, n: int) -> str:
         """Identity of the first n prompt tokens: their ids and the content of the images among them."""
@@ -452,7 +458,8 @@ class Engine:
     def _prefix_ok(self, request: Request) -> bool:
         # Dynamic NTK is chosen from the whole prompt's length; it is 1 for every prompt up to seq_length,
         # so a prefix is shared exactly only between such prompts.
-        return self.prefixes.max_bytes > 0 and len(request.prompt_ids) <= self.model.config.seq_length
+        return (self.family.prefix_cache and self.prefixes.max_bytes > 0
+                and len(request.prompt_ids) <= self.model.config.seq_length)
 
     def _cached_prefix(self, request: Request) -> tuple[int, _Prefix] | None:
         """The longest cached prefix ending after an image, leaving at least one token to prefill."""
@@ -479,7 +486,7 @@ class Engine:
     def _block_from_prefix(self, prefix: _Prefix, n_prompt: int) -> KVCache:
         """A one-row prefill cache for a prompt of n_prompt tokens, already holding the prefix's K/V."""
         n = prefix.keys.shape[2]
-        block = KVCache.empty(self.model.config, 1, n_prompt, self.dtype)
+        block = self.family.new_cache(1, n_prompt, self.dtype)
         block.keys[:, 0, :, :n] = prefix.keys
         block.values[:, 0, :, :n] = prefix.values
         block.valid[0, :n] = True

@@ -21,6 +21,11 @@ of the last chunk) carries, next to the text that keeps its <ref>/<box> tags,
 image before the answer, as the official `draw_bbox_on_latest_picture` assumes. `box_1000` is the model's
 [0, 1000) box; `box_px` is that box in the image's pixels (grounding.to_pixels, scale 1000, as the
 official drawing). No image in the conversation: no boxes.
+
+Qwen2-VL checkpoints are served the same way (families.py says what differs): images keep their size
+within `min_pixels`/`max_pixels` (request body fields, default the checkpoint's preprocessor config), a
+request whose images need more than `ServeConfig.max_visual_tokens` tokens is a 400, and boxes are read in
+the `<|box_start|>` syntax.
 """
 from __future__ import annotations
 
@@ -42,15 +47,14 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import DEFAULT_SYSTEM
 from .config import GenerationConfig
 from .engine import Engine, EngineFull, EngineThread, ImageInput, Output, Request
-from .grounding import parse_boxes, to_pixels
-from .images import UNTRUSTED, ImageError, ImagePolicy, image_digest, load_image, preprocess_v1
-from .messages import ImageSlot, Message, Text, render_messages
+from .families import QwenVLFamily, family_of
+from .images import UNTRUSTED, ImageError, ImagePolicy
+from .messages import ImageSlot, Message, Text, check_roles
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ MAX_IMAGES = 8                      # per request, over the whole conversation
 MAX_STOP = 4                        # OpenAI: up to 4 stop strings
 MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 2.0               # OpenAI's range: [0, 2]
+MAX_VISUAL_TOKENS = 16384           # Qwen2-VL: image tokens per request (the hub's max_pixels for one image)
+MAX_PIXELS_LIMIT = 16384 * 28 * 28  # Qwen2-VL: the largest min_pixels / max_pixels a request may ask for
 DISCONNECT_POLL_S = 0.5             # how often a waiting request checks that its client is still there
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
@@ -89,6 +95,7 @@ class ServeConfig:
     image_timeout_s: float = 10.0
     max_image_bytes: int = 20 * 2**20
     system: str = DEFAULT_SYSTEM         # when the conversation has no system message
+    max_visual_tokens: int = MAX_VISUAL_TOKENS   # Qwen2-VL: image tokens per request (400 above)
 
     def image_policy(self) -> ImagePolicy:
         dirs = tuple(Path(d) for d in self.allowed_image_dirs)
@@ -124,6 +131,8 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_pixels: int | None = None        # Qwen2-VL only (ignored by v1): per-image pixel limits
+    max_pixels: int | None = None
 
 
 _UNSUPPORTED = {"tools": "tools", "functions": "function calling", "tool_choice": "tools",
@@ -151,7 +160,17 @@ def parse_chat_request(body: Any, config: ServeConfig) -> ChatRequest:
     return ChatRequest(messages, sources, stream=stream, include_usage=bool(options.get("include_usage")),
                        temperature=_number(body, "temperature", 0.0, MAX_TEMPERATURE),
                        top_p=_number(body, "top_p", 0.0, 1.0), max_tokens=_max_tokens(body),
-                       stop=_stop(body.get("stop")), seed=_seed(body.get("seed")))
+                       stop=_stop(body.get("stop")), seed=_seed(body.get("seed")),
+                       min_pixels=_pixels(body, "min_pixels"), max_pixels=_pixels(body, "max_pixels"))
+
+
+def _pixels(body: dict, key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 28 * 28 <= value <= MAX_PIXELS_LIMIT:
+        raise APIError(400, f"{key} must be an integer in [{28 * 28}, {MAX_PIXELS_LIMIT}], got {value!r}", key)
+    return value
 
 
 def _typed(body: dict, key: str, kind: type) -> Any:
@@ -261,8 +280,9 @@ class TextStream:
     <ref>/<box>/<quad> tags are kept.
     """
 
-    def __init__(self, tokenizer, stop: list[str] = ()):
+    def __init__(self, tokenizer, stop: list[str] = (), family=None):
         self.tokenizer, self.stop = tokenizer, list(stop)
+        self.family = family or QwenVLFamily(None)       # how ids become text (v1 by default)
         self.ids: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
 
@@ -271,7 +291,7 @@ class TextStream:
         if self.stopped or not self._visible(token_id):
             return ""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True, keep_image_special=True, errors="replace")
+        self.text = self.family.decode_text(self.tokenizer, self.ids)
         end = self._cut_at_stop()
         if not self.stopped:
             end = len(self.text.rstrip("\ufffd"))      # a partial UTF-8 character decodes as U+FFFD for now
@@ -285,8 +305,7 @@ class TextStream:
         return self._emit(len(self.text))
 
     def _visible(self, token_id: int) -> bool:
-        tok = self.tokenizer
-        return 0 <= token_id < tok.eod_id or token_id in tok.image_special_ids
+        return self.family.visible(self.tokenizer, token_id)
 
     def _cut_at_stop(self) -> int:
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
@@ -303,14 +322,14 @@ class TextStream:
         return delta
 
 
-def boxes_payload(text: str, images: list["LoadedImage"]) -> list[dict]:
+def boxes_payload(text: str, images: list["LoadedImage"], family=None) -> list[dict]:
     """The structured boxes of an answer, against the latest image (see the module docstring)."""
     if not images:
         return []
     k, latest = len(images) - 1, images[-1]
-    return [{"image": k, "ref": b.ref, "box_1000": [b.x1, b.y1, b.x2, b.y2],
-             "box_px": [round(v, 2) for v in to_pixels(b, latest.width, latest.height, scale=1000)]}
-            for b in parse_boxes(text)]
+    family = family or QwenVLFamily(None)
+    return [{"image": k, "ref": b.ref, "box_1000": [b.x1, b.y1, b.x2, b.y2], "box_px": [round(v, 2) for v in px]}
+            for b, px in family.boxes(text, latest.width, latest.height)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,15 +343,15 @@ class LoadedImage:
     height: int
 
 
-def _load_one(source: str, policy: ImagePolicy, size: int) -> LoadedImage:
-    image: Image.Image = load_image(source, policy)
-    pixels = functools.partial(preprocess_v1, image, size)     # only run if the engine lacks its features
-    return LoadedImage(ImageInput(image_digest(image), pixels), image.width, image.height)
+def _load_one(source: str, family, policy: ImagePolicy, min_pixels: int | None, max_pixels: int | None) -> LoadedImage:
+    v = family.load_image(source, policy, min_pixels, max_pixels)   # v1 preprocesses only on a feature-cache miss
+    return LoadedImage(ImageInput(v.key, v.pixels, v.grid_thw), v.width, v.height)
 
 
-async def load_images(sources: list[str], policy: ImagePolicy, size: int) -> list[LoadedImage]:
+async def load_images(sources: list[str], family, policy: ImagePolicy, min_pixels: int | None = None,
+                      max_pixels: int | None = None) -> list[LoadedImage]:
     """Fetch/decode/preprocess every image in worker threads, in parallel; the first failure is a 400."""
-    tasks = [asyncio.to_thread(_load_one, s, policy, size) for s in sources]
+    tasks = [asyncio.to_thread(_load_one, s, family, policy, min_pixels, max_pixels) for s in sources]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for j, r in enumerate(results):
         if isinstance(r, ImageError):
@@ -353,17 +372,22 @@ class _State:
     generation: GenerationConfig
     config: ServeConfig
     policy: ImagePolicy
+    family: Any
 
 
 def create_app(model, tokenizer, generation_config: GenerationConfig | None = None,
-               config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app; its engine thread starts and stops with the app (lifespan)."""
+               config: ServeConfig | None = None, family=None) -> FastAPI:
+    """The FastAPI app; its engine thread starts and stops with the app (lifespan).
+
+    `family` (families.py) defaults to the one of the model's class; pass one to set e.g. Qwen2-VL's
+    processor config."""
     config = config or ServeConfig()
+    family = family or family_of(model)
     engine = Engine(model, max_batch=config.max_batch, max_len=config.max_len, kv_budget_bytes=config.kv_budget_bytes,
                     feature_cache_bytes=config.feature_cache_bytes, prefix_cache_bytes=config.prefix_cache_bytes,
-                    eos_token_id=tokenizer.eod_id)
+                    eos_token_id=family.eos_token_id(tokenizer), family=family)
     state = _State(EngineThread(engine), tokenizer, generation_config or GenerationConfig(), config,
-                   config.image_policy())
+                   config.image_policy(), family)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -416,14 +440,31 @@ def _add_routes(app: FastAPI, state: _State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         req = parse_chat_request(await _read_json(request), state.config)
-        job = _Job.prepare(state, req)               # roles and lengths are checked before any image is fetched
-        size = state.runner.engine.model.config.visual.image_size
-        job.images = await load_images(req.image_sources, state.policy, size)
+        load = functools.partial(load_images, req.image_sources, state.family, state.policy, req.min_pixels,
+                                 req.max_pixels)
+        if state.family.grids_in_prompt:             # Qwen2-VL: the prompt's length depends on the images
+            _check_roles(req.messages)
+            images = await load()
+            try:
+                state.family.check_budget([i.input for i in images], state.config.max_visual_tokens)
+            except ValueError as e:
+                raise APIError(400, str(e), "messages", "visual_budget_exceeded") from None
+            job = _Job.prepare(state, req, images)
+        else:
+            job = _Job.prepare(state, req)           # roles and lengths are checked before any image is fetched
+            job.images = await load()
         job.start()
         if req.stream:
             return StreamingResponse(_sse(job, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await job.complete(request)
+
+
+def _check_roles(messages: list[Message]) -> None:
+    try:
+        check_roles(messages)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
 
 
 async def _read_json(request: HTTPRequest) -> Any:
@@ -461,13 +502,15 @@ class _Job:
     n_tokens: int = 0
 
     @classmethod
-    def prepare(cls, state: _State, req: ChatRequest) -> "_Job":
-        """Render the prompt and check it fits: 400 naming the limit if not."""
+    def prepare(cls, state: _State, req: ChatRequest, images: list[LoadedImage] | None = None) -> "_Job":
+        """Render the prompt and check it fits: 400 naming the limit if not. `images` (loaded) are needed
+        only by families whose prompt depends on them (Qwen2-VL)."""
+        visuals = [i.input for i in images or []]
         try:
-            prompt = render_messages(req.messages, state.tokenizer, state.config.system)
+            prompt = state.family.render(req.messages, state.tokenizer, visuals, state.config.system)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        return cls(state, req, prompt, _sampling(req, state, len(prompt), len(req.image_sources)))
+        return cls(state, req, prompt, _sampling(req, state, len(prompt), len(req.image_sources)), list(images or []))
 
     def start(self) -> None:
         """Submit to the engine; its outputs arrive on an asyncio queue (errors here are plain HTTP errors)."""
@@ -499,7 +542,7 @@ class _Job:
 
     async def deltas(self, request: HTTPRequest) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish_reason) pairs, one per engine output; the last one has the reason."""
-        text = TextStream(self.state.tokenizer, self.req.stop)
+        text = TextStream(self.state.tokenizer, self.req.stop, self.state.family)
         async with contextlib.aclosing(self.tokens(request)) as outputs:
             async for out in outputs:
                 if out.finish_reason == "error":
@@ -522,7 +565,7 @@ class _Job:
         except _ClientGone:
             return {}
         text = "".join(parts)
-        message = {"role": "assistant", "content": text, "boxes": boxes_payload(text, self.images)}
+        message = {"role": "assistant", "content": text, "boxes": boxes_payload(text, self.images, self.state.family)}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
                 "usage": self.usage()}
@@ -545,8 +588,8 @@ def _sampling(req: ChatRequest, state: _State, n_prompt: int, n_images: int) -> 
     gen, limit = state.generation, state.config.max_len
     room = limit - n_prompt
     if room < 1:
-        raise APIError(400, f"the prompt is {n_prompt} tokens (each of its {n_images} images takes "
-                            f"{state.tokenizer.image_span + 2}); this server's limit is {limit} tokens for prompt "
+        raise APIError(400, f"the prompt is {n_prompt} tokens ({n_images} images; "
+                            f"{state.family.span_hint(state.tokenizer)}); this server's limit is {limit} tokens for prompt "
                             "and answer together: shorten the conversation or send fewer images",
                        "messages", "context_length_exceeded")
     if req.max_tokens is not None and req.max_tokens > room:
@@ -561,7 +604,7 @@ def _sampling(req: ChatRequest, state: _State, n_prompt: int, n_images: int) -> 
     return SamplingParams(max_new_tokens=req.max_tokens or min(state.config.default_max_tokens, room),
                           do_sample=not greedy, temperature=temperature, top_p=top_p if top_p > 0 else 1.0,
                           top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
-                          stop_words_ids=((tok.im_end_id,), (tok.im_start_id,)))
+                          stop_words_ids=state.family.stop_words_ids(tok))
 
 
 def _sse_event(payload: Any) -> str:
@@ -577,7 +620,7 @@ async def _sse(job: _Job, request: HTTPRequest) -> AsyncIterator[str]:
             parts.append(delta)
             body: dict = {"role": "assistant", "content": delta} if first else {"content": delta} if delta else {}
             if finish is not None:
-                body["boxes"] = boxes_payload("".join(parts), job.images)
+                body["boxes"] = boxes_payload("".join(parts), job.images, job.state.family)
             if first or delta or finish is not None:
                 yield _sse_event(job.chunk(body, finish))
             first = False
@@ -621,10 +664,9 @@ class BackgroundServer:
 def serve(model_dir: str | Path, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
           dtype: str = "auto") -> None:
     """Load the checkpoint and serve it until interrupted (what `qwenvl serve` runs)."""
-    from .tokenizer import QWenTokenizer
-    from .weights import load_generation_config, load_model
+    from .families import load_family
+    from .weights import load_generation_config
 
-    model = load_model(model_dir, dtype).eval()
-    tokenizer = QWenTokenizer.from_pretrained(model_dir)
-    app = create_app(model, tokenizer, load_generation_config(model_dir), config)
+    model, tokenizer, family = load_family(model_dir, dtype)
+    app = create_app(model, tokenizer, load_generation_config(model_dir), config, family)
     uvicorn.run(app, host=host, port=port, log_level="info")
