@@ -51,8 +51,8 @@ class SceneSpec:
     noise: int = 8
 
     def __post_init__(self) -> None:
-        if not (16 <= self.width <= 1000 and 16 <= self.height <= 1000):
-            raise ValueError(f"canvas must be 16..1000 px per side, got {self.width}x{self.height}")
+        if not (16 <= self.width <= 999 and 16 <= self.height <= 999):   # see to_1000: x1 < x2 needs < 1000 px
+            raise ValueError(f"canvas must be 16..999 px per side, got {self.width}x{self.height}")
         for name in ("n_objects", "n_texts"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
@@ -130,7 +130,8 @@ def to_1000(v: int, extent: int) -> int:
     >>> to_1000(112, 224), to_1000(224, 224), to_1000(0, 224)
     (500, 999, 0)
 
-    For any box of width >= 1 px on a canvas <= 1000 px, x1 < x2 still holds after normalising.
+    For any box of width >= 1 px on a canvas < 1000 px, x1 < x2 still holds after normalising (at exactly
+    1000 px the last column would map 999 -> 999, which is why canvases stop at 999 px).
     To go back to pixels use v * extent / 1000 (the official eval divides by 999: <= 0.1% apart).
     """
     if not 0 <= v <= extent:

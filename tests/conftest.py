@@ -4,9 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 from safetensors.torch import load_file
+
+# CI replays the same examples every run (a red CI must be reproducible); local runs keep exploring.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "qwen_vl_tiny"
