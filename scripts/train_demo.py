@@ -9,7 +9,8 @@ Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its fol
   tokenizer     BPE on the world's text, saved as qwen.tiktoken (+ the Qwen special tokens after it)
   lm_pretrain   the LM alone on the world's text            (the paper starts from a pretrained Qwen-7B)
   stage1        ViT + adapter on captions, LM frozen, 112 px
-  stage2        multi-task, everything trainable, 224 px: easy scenes first (stage2_easy), then the full mix
+  stage2        everything trainable, 224 px: one object / one attribute (stage2_warmup), then easy scenes
+                (stage2_easy), then the full multi-task mix
   stage3        chat SFT in ChatML, ViT frozen
 Loss per sample (not per token): a 24-token box must not drown a 1-token answer. The loss curve is
 written to OUT/loss.csv and OUT/loss.png; quick held-out checks to OUT/quick_eval.json.
@@ -84,6 +85,7 @@ FULL = {
     "lm_pretrain": Stage("lm_pretrain", 600, 32, 2e-3, 60),
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
     "stage1": Stage("stage1", 600, 32, 5e-4, 60, resolution=112),
+    "stage2_warmup": Stage("stage2_warmup", 300, 16, 1e-3, 20),
     "stage2_easy": Stage("stage2_easy", 800, 24, 4e-4, 80),
     "stage2": Stage("stage2", 1200, 24, 3e-4, 100),
     "stage3": Stage("stage3", 600, 16, 2e-4, 60),
@@ -353,6 +355,8 @@ if wanted("stage1"):
 
 if wanted("stage2"):
     set_trainable(model, vit=True, adapter=True, llm=True)
+    run_stage(STAGES["stage2_warmup"], model, stage_batch(chatml=False), vl_loss)
+    image_use_check("stage2_warmup")
     run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss)
     image_use_check("stage2_easy")
     run_stage(STAGES["stage2"], model, stage_batch(chatml=False), vl_loss)
