@@ -18,8 +18,8 @@ from torch import Tensor
 from .processor import VisionProcessorConfig
 from .qwen2_vl import Qwen2VL
 from .qwen2_vl_config import Qwen2VLConfig
-from .weights import (SAFE_SINGLE, CheckpointError, _atomic_write, _raise_if_bad, checkpoint_files, iter_tensors,
-                      resolve_dtype)
+from .weights import (SAFE_SINGLE, CheckpointError, atomic_write, checkpoint_files, config_path, iter_tensors,
+                      raise_if_mismatched, resolve_dtype)
 
 # transformers-module prefix -> hub prefix. Order matters: `model.visual.` before the `model.` catch-all.
 _RENAMES = (("model.visual.", "visual."), ("model.language_model.", "model."))
@@ -48,10 +48,7 @@ def transformers_key(key: str) -> str:
 
 
 def load_config(model_dir: str | Path) -> Qwen2VLConfig:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: is this a Qwen2-VL checkpoint folder?")
-    return Qwen2VLConfig.from_json(path)
+    return Qwen2VLConfig.from_json(config_path(model_dir, "Qwen2-VL"))
 
 
 def load_processor_config(model_dir: str | Path) -> VisionProcessorConfig:
@@ -93,7 +90,7 @@ def _read_state(files: list[Path], model: Qwen2VL, dtype: torch.dtype) -> dict[s
             else:
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     missing = sorted(set(expected) - seen)
-    _raise_if_bad(files[0].parent, missing, unexpected, misshaped)
+    raise_if_mismatched(files[0].parent, missing, unexpected, misshaped)
     return state
 
 
@@ -109,6 +106,6 @@ def save_checkpoint(model: Qwen2VL, out_dir: str | Path, layout: str = "hub", dt
     config = model.config.to_dict()
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return out

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .model import QWenLMHeadModel
+from .weights import atomic_write
 
 
 def set_trainable(model: QWenLMHeadModel, vit: bool, adapter: bool, llm: bool) -> None:
@@ -100,14 +99,7 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # --------------------------------------------------------------------------------------------- loss log

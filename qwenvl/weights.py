@@ -88,13 +88,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: QWenConfig) -> torch.
     return DTYPES[dtype]
 
 
-def load_config(model_dir: str | Path) -> QWenConfig:
+def config_path(model_dir: str | Path, family: str = "Qwen-VL") -> Path:
+    """`model_dir/config.json`, or a CheckpointError saying what is wrong with the folder."""
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"{model_dir} is not a directory (expected a checkpoint folder with config.json)")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: is this a Qwen-VL checkpoint folder?")
-    return QWenConfig.from_json(path)
+        raise CheckpointError(f"{model_dir} has no config.json: is this a {family} checkpoint folder?")
+    return path
+
+
+def load_config(model_dir: str | Path) -> QWenConfig:
+    return QWenConfig.from_json(config_path(model_dir))
 
 
 def load_generation_config(model_dir: str | Path) -> GenerationConfig:
@@ -128,7 +133,7 @@ def load_into(model: nn.Module, files: list[Path], dtype: torch.dtype) -> None:
             else:
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() and not _keep_stored(key) else tensor
     missing = sorted(set(expected) - set(state) - set(unexpected))
-    _raise_if_bad(files[0].parent, missing, unexpected, misshaped)
+    raise_if_mismatched(files[0].parent, missing, unexpected, misshaped)
     model.load_state_dict(state, strict=True, assign=True)
     _restore_frozen(model)
 
@@ -139,7 +144,7 @@ def _keep_stored(key: str) -> bool:
     return key.endswith(".scales")
 
 
-def _raise_if_bad(d: Path, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
+def raise_if_mismatched(d: Path, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
@@ -165,15 +170,15 @@ def save_checkpoint(model: QWenLMHeadModel, out_dir: str | Path, generation_conf
     config = model.config.to_dict()
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)))
+    atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)))
     if generation_config is not None:
         text = json.dumps(generation_config.to_dict(), indent=2)
-        _atomic_write(out / "generation_config.json", lambda p: p.write_text(text))
+        atomic_write(out / "generation_config.json", lambda p: p.write_text(text))
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import torch
+from scripted_model import ScriptedModel
 from PIL import Image
 
 from qwenvl.chat import DEFAULT_SYSTEM, make_context, response_tokens
@@ -321,25 +322,6 @@ def test_odd_image_modes_and_loose_headers(mode, fmt, header, server):
 
 
 # ------------------------------------------------------------------ grounding
-
-
-class ScriptedModel(torch.nn.Module):
-    """The tiny model forced to answer `script` then <|im_end|>: keeps the real cache and image paths,
-    overrides the logits. One request at a time (it counts decode steps since the last prefill)."""
-
-    def __init__(self, inner, script: list[int], end_id: int):
-        super().__init__()
-        self.inner, self.config, self.script, self.step = inner, inner.config, script + [end_id], 0
-
-    def encode_images(self, pixels):
-        return self.inner.encode_images(pixels)
-
-    def forward(self, input_ids, kv_cache=None, **kwargs):
-        self.step = 0 if input_ids.shape[1] > 1 else self.step + 1        # a prefill (maybe from a cached prefix)
-        logits = self.inner(input_ids, kv_cache=kv_cache, **kwargs)
-        forced = torch.full_like(logits, -1e4)
-        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 0.0
-        return forced
 
 
 def exif_rotated_jpeg(size=(40, 20)) -> bytes:

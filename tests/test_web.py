@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripted_model import ScriptedModel
 from PIL import Image
 
 from qwenvl.config import GenerationConfig, QWenConfig
@@ -38,22 +39,6 @@ TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=1, num_attentio
 ANSWER = "<ref>the square</ref><box>(100,200),(500,600)</box> is there"
 
 
-class ScriptedModel(torch.nn.Module):
-    """The tiny model forced to answer ANSWER then <|im_end|> (one request at a time)."""
-
-    def __init__(self, inner, script: list[int], end_id: int):
-        super().__init__()
-        self.inner, self.config, self.script, self.step = inner, inner.config, script + [end_id], 0
-
-    def encode_images(self, pixels):
-        return self.inner.encode_images(pixels)
-
-    def forward(self, input_ids, kv_cache=None, **kwargs):
-        self.step = 0 if input_ids.shape[1] > 1 else self.step + 1        # a prefill (maybe from a cached prefix)
-        logits = self.inner(input_ids, kv_cache=kv_cache, **kwargs)
-        forced = torch.full_like(logits, -1e4)
-        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 0.0
-        return forced
 
 
 @pytest.fixture(scope="module")
