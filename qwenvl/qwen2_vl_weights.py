@@ -18,7 +18,7 @@ from torch import Tensor
 from .processor import VisionProcessorConfig
 from .qwen2_vl import Qwen2VL
 from .qwen2_vl_config import Qwen2VLConfig
-from .weights import (SAFE_SINGLE, CheckpointError, atomic_write, checkpoint_files, config_path, iter_tensors,
+from .weights import (SAFE_SINGLE, atomic_write, checkpoint_files, config_path, iter_tensors,
                       raise_if_mismatched, resolve_dtype)
 
 # transformers-module prefix -> hub prefix. Order matters: `model.visual.` before the `model.` catch-all.

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from scripted_model import ScriptedModel
 from PIL import Image
 
