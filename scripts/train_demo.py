@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qwenvl.adapter_init import init_adapter_from_data
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
 from qwenvl.generation import generate, left_pad
@@ -84,11 +85,11 @@ class Stage:
 FULL = {
     "lm_pretrain": Stage("lm_pretrain", 600, 32, 2e-3, 60),
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
-    "stage1": Stage("stage1", 600, 32, 5e-4, 60, resolution=112),
-    "stage2_warmup": Stage("stage2_warmup", 300, 16, 1e-3, 20),
-    "stage2_easy": Stage("stage2_easy", 800, 24, 4e-4, 80),
-    "stage2": Stage("stage2", 1200, 24, 3e-4, 100),
-    "stage3": Stage("stage3", 600, 16, 2e-4, 60),
+    "stage1": Stage("stage1", 150, 32, 3e-4, 20, resolution=112),
+    "stage2_warmup": Stage("stage2_warmup", 400, 16, 3e-4, 20),
+    "stage2_easy": Stage("stage2_easy", 900, 24, 3e-4, 50),
+    "stage2": Stage("stage2", 1500, 24, 2e-4, 50),
+    "stage3": Stage("stage3", 600, 16, 1e-4, 30),
 }
 SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
 STAGES = SMOKE if args.smoke else FULL
@@ -325,6 +326,12 @@ def assemble_visual() -> None:
     state.update({k: v for k, v in visual_tower.state_dict().items() if not k.startswith("attn_pool.")
                   and k not in ("ln_post.weight", "ln_post.bias", "proj")})
     model.transformer.visual.load_state_dict(state)
+    rng = random.Random(f"{args.seed}-adapter-init")
+    spec = SceneSpec().replace(**STAGE_SPECS["stage2"])
+    images = pixels([render_scene(sample_scene(rng, spec)) for _ in range(64)], 224)
+    word_norm = model.transformer.wte.weight[:n_ranks].norm(dim=-1).mean().item()
+    stats = init_adapter_from_data(model.transformer.visual, images, 2 * word_norm, torch.Generator().manual_seed(args.seed + 2))
+    log(f"adapter whitened on 64 images: {stats}")
 
 
 def stage_batch(chatml: bool):
