@@ -27,6 +27,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_quant.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

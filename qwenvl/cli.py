@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from .api import QWenVL
+from .evaluation.cli import add_eval_parser, run_eval
 from .families import family_name, load_family
+from .finetune_cli import add_finetune_parsers
 from .tokenizer import QWenTokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Qwen2-VL: an animated GIF/WebP/PNG to ask about; repeat for several")
     add_serve_parser(sub)
     add_quantize_parser(sub)
+    add_eval_parser(sub)
+    add_finetune_parsers(sub)
     return parser
 
 
@@ -86,10 +90,14 @@ def add_serve_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "run"):                      # finetune, merge-lora
+        return args.run(args)
     if args.command == "serve":
         return run_server(args)
     if args.command == "quantize":
         return run_quantize(args)
+    if args.command == "eval":
+        return run_eval(args)
     model_dir = args.model or default_model_dir()
     try:
         if family_name(model_dir) == "qwen2_vl":

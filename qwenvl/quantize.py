@@ -1,7 +1,8 @@
 """Weight-only quantization as module swaps on the LLM's linears (the ViT and adapter stay in float).
 
 Our own schemes (`quantize_model`, recorded in config.json as
-`quantization_config = {"quant_method": "qwenvl", "bits": 8|4, "group_size": 128, "sym": bool}`):
+`quantization_config = {"quant_method": "qwenvl", "bits": 8|4, "group_size": 128, "sym": bool}`, plus
+`"lm_head": true` when lm_head is quantized too):
 
     Int8Linear   weight int8 [out, in], scales [out]            W = scales[o] * q[o, i]   (per output channel)
     Int4Linear   qweight uint8 [out, in/2] (even input in the low nibble), scales [out, G], zeros [out, G]
@@ -17,15 +18,27 @@ loads as a plain state dict, without AutoGPTQ or CUDA:
     g_idx   int32 [in]          group of each input (i // group_size without act-order)
     bias    fp16  [out]         always present (zeros where the float model has none)
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])
+
+Each linear has two forwards: `reference_forward` dequantises the whole weight with torch ops and calls F.linear,
+and `forward`, which runs the compiled CPU paths of quant_kernels.py (decode kernels for a few rows; a fast
+dequantisation to the same bits before torch's matmul otherwise) and falls back to the reference where those do
+not apply. tests/test_quant_kernels.py checks that the two agree.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quant_kernels
+
 # The linears of each decoder block that the official Int4 checkpoints quantize (lm_head and wte are not).
 LLM_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+# The same for Qwen2-VL's decoder layers (`model.layers.*`).
+QWEN2_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def unpack_int4(words: Tensor, dim: int) -> Tensor:
@@ -45,8 +58,11 @@ def unpack_int4(words: Tensor, dim: int) -> Tensor:
     raise ValueError(f"{dim=} must be 0 or 1")
 
 
+KERNEL_CACHE_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")    # GPTQLinear rebuilds its cache when one changes
+
+
 class GPTQLinear(nn.Module):
-    """A 4-bit GPTQ linear (official Int4 layout), dequantized on the fly (reference path)."""
+    """A 4-bit GPTQ linear (official Int4 layout): the int4 kernel for decoding, dequantized on the fly otherwise."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bits: int = 4):
         super().__init__()
@@ -64,9 +80,7 @@ class GPTQLinear(nn.Module):
 
     def codes(self) -> tuple[Tensor, Tensor]:
         """(q [in, out] uint8 codes, zero [G, out] uint8 zero points after the +1)."""
-        q = unpack_int4(self.qweight, dim=0)                                          # [in, out]
-        zero = (unpack_int4(self.qzeros, dim=1).int() + 1) & 0xF                      # [G, out]
-        return q, zero.to(torch.uint8)
+        return unpack_int4(self.qweight, dim=0), self.codes_zero()                   # [in, out], [G, out]
 
     def dequantize(self) -> Tensor:
         """The float32 weight [out, in], exactly scale * (q - zero) (the product is exact in float32)."""
@@ -75,8 +89,43 @@ class GPTQLinear(nn.Module):
         w_t = self.scales.float()[g] * (q.float() - zero.float()[g])                  # [in, out]
         return w_t.t().contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize().to(x.dtype), self.bias.to(x.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tensors = self.kernel_tensors()
+        y = None if tensors is None else quant_kernels.int4_linear(x, *tensors[:3], self.group_size, tensors[3])
+        return self.reference_forward(x) if y is None else y
+
+    def kernel_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """This linear in Int4Linear's layout, for the int4 kernels: (codes uint8 [out, in/2], scales float32
+        [out, G], zero points uint8 [out, G], bias float32 [out]); None where they do not apply (act-order g_idx,
+        not on the CPU).
+
+        A GPTQ word holds input 8r+j of one output in bits 4j..4j+3, low bits first: the nibble order of
+        Int4Linear's bytes (input 2i in the low nibble of byte i). So the transposed word matrix [out, in/8],
+        read as bytes, is Int4Linear's qweight. The first call stores qweight transposed in memory: the buffer
+        keeps its shape, values and state_dict (saving makes it contiguous again), only its strides change, so
+        this repacking costs no memory. The small tensors are cached as a plain attribute (not a buffer)."""
+        buffers = self._buffers
+        if buffers["qweight"].device.type != "cpu" or sys.byteorder != "little":
+            return None
+        if not buffers["qweight"].t().is_contiguous():             # as loaded: [in/8, out] row-major
+            self.qweight = self.qweight.t().contiguous().t()       # same [in/8, out] tensor, stored [out, in/8]
+        key = tuple((buffers[n].data_ptr(), buffers[n]._version) for n in KERNEL_CACHE_KEYS)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0] != key:
+            in_order = torch.equal(self.g_idx.long(), torch.arange(self.in_features) // self.group_size)
+            tensors = None
+            if in_order:
+                tensors = (self.qweight.t().view(torch.uint8), self.scales.float().t().contiguous(),
+                           self.codes_zero().t().contiguous(), self.bias.float())
+            cached = self._kernel_cache = (key, tensors)
+        return cached[1]
+
+    def codes_zero(self) -> Tensor:
+        """Zero points uint8 [G, out] after the +1 (the second half of `codes()`, without unpacking qweight)."""
+        return ((unpack_int4(self.qzeros, dim=1).int() + 1) & 0xF).to(torch.uint8)
 
 
 class Int8Linear(nn.Module):
@@ -104,9 +153,13 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> Tensor:
         return self.weight.float() * self.scales[:, None]                               # [out, in]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = quant_kernels.int8_linear(x, self.weight, self.scales, self.bias)
+        return self.reference_forward(x) if y is None else y
 
 
 class Int4Linear(nn.Module):
@@ -126,7 +179,9 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = True) -> "Int4Linear":
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, sym)
-        q, scales, zeros = quantize_int4(linear.weight.detach().float(), group_size, sym)
+        # Row chunks bound the clip search's temporaries (a 151936-row lm_head would need ~10 float copies).
+        chunks = [quantize_int4(w.float(), group_size, sym) for w in linear.weight.detach().split(8192)]
+        q, scales, zeros = (torch.cat(parts) for parts in zip(*chunks))
         out.qweight.copy_(pack_int4(q))
         out.scales.copy_(scales)
         out.zeros.copy_(zeros)
@@ -140,9 +195,13 @@ class Int4Linear(nn.Module):
         zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
         return (q - zeros) * scales
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = quant_kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        return self.reference_forward(x) if y is None else y
 
 
 def quantize_int4(w: Tensor, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,15 +256,20 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 128, sym: bool = True) -> dict:
-    """Swap the LLM block linears for Int8Linear / Int4Linear in place; returns (and records) the scheme."""
+def quantize_model(model: nn.Module, bits: int, group_size: int = 128, sym: bool = True,
+                   lm_head: bool = False) -> dict:
+    """Swap the LLM block linears (and lm_head if asked) for Int8Linear / Int4Linear in place; returns (and
+    records) the scheme. The official Int4 checkpoints keep lm_head in float; quantizing it too saves another
+    vocab x hidden weight read per decoded token (a quarter of a 2B model's bytes in bf16)."""
     if bits == 8:
-        swap_linears(model, Int8Linear.from_linear)
+        swap_linears(model, Int8Linear.from_linear, lm_head)
     elif bits == 4:
-        swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size, sym))
+        swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size, sym), lm_head)
     else:
         raise ValueError(f"{bits=}: choose 8 or 4")
     scheme = {"quant_method": "qwenvl", "bits": bits, "group_size": group_size, "sym": sym}
+    if lm_head:
+        scheme["lm_head"] = True
     model.config.quantization_config = scheme
     return scheme
 
@@ -227,18 +291,28 @@ def quantized_swap(model: nn.Module, quantization_config: dict) -> None:
                 return Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
             return Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, group, sym)
 
-    swap_linears(model, make)
+    swap_linears(model, make, bool(cfg.get("lm_head", False)))
 
 
-def swap_linears(model: nn.Module, make: callable) -> int:
-    """Replace each LLM block linear (LLM_LINEARS in `transformer.h.*`) by `make(linear)`; returns the count."""
+def swap_linears(model: nn.Module, make: callable, lm_head: bool = False) -> int:
+    """Replace each LLM block linear (LLM_LINEARS in `transformer.h.*` for Qwen-VL, QWEN2_LINEARS in
+    `model.layers.*` for Qwen2-VL), and lm_head if asked, by `make(linear)`; returns the count."""
+    if hasattr(model, "transformer"):
+        blocks, paths = model.transformer.h, LLM_LINEARS
+    elif hasattr(model, "model") and hasattr(model.model, "layers"):
+        blocks, paths = model.model.layers, QWEN2_LINEARS
+    else:
+        raise ValueError(f"{type(model).__name__} has neither transformer.h (Qwen-VL) nor model.layers (Qwen2-VL)")
     count = 0
-    for block in model.transformer.h:
-        for path in LLM_LINEARS:
+    for block in blocks:
+        for path in paths:
             parent_name, name = path.split(".")
             parent = getattr(block, parent_name)
             setattr(parent, name, make(getattr(parent, name)))
             count += 1
+    if lm_head:
+        model.lm_head = make(model.lm_head)
+        count += 1
     return count
 
 

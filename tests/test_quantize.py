@@ -69,3 +69,35 @@ def test_cli_round_trip(bits, tmp_path):
 def test_group_size_must_divide_the_inputs():
     with pytest.raises(ValueError, match="divisible"):
         Int4Linear.from_linear(torch.nn.Linear(176, 8), 128)
+
+
+def test_lm_head_option_quantizes_it_and_round_trips(tmp_path):
+    from qwenvl.weights import save_checkpoint
+
+    model = load_model(FLOAT, "float32")
+    scheme = quantize_model(model, 4, 128, lm_head=True)
+    assert scheme["lm_head"] is True and isinstance(model.lm_head, Int4Linear)
+    save_checkpoint(model, tmp_path)
+    reloaded = load_model(tmp_path, "float32")
+    assert isinstance(reloaded.lm_head, Int4Linear)
+    assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_qwen2_vl_decoder_linears_are_swapped_too():
+    from qwenvl.qwen2_vl import Qwen2VL
+    from qwenvl.qwen2_vl_config import Qwen2VLConfig
+
+    config = Qwen2VLConfig.from_dict({
+        "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "rope_scaling": {"mrope_section": [8, 12, 12]},
+        "image_token_id": 995, "video_token_id": 996, "vision_start_token_id": 997, "vision_end_token_id": 998,
+        "vision_config": {"depth": 1, "embed_dim": 32, "num_heads": 4, "hidden_size": 128}})
+    model = Qwen2VL(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 990, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)
+        quantize_model(model, 8, lm_head=True)
+        quantized = model(ids)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1
+    assert _cosine(quantized, ref) >= 0.999

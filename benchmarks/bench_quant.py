@@ -1,0 +1,269 @@
+"""Decode speed of int8 / int4 weight-only models against fp32 and bf16, as a share of the memory-bandwidth roofline.
+
+    .venv/bin/python benchmarks/bench_quant.py                      # Qwen2-VL-2B-sized LLM: fp32 bf16 int8 int4
+    .venv/bin/python benchmarks/bench_quant.py --quick              # 4 layers of the same shapes: a check, not a result
+    .venv/bin/python benchmarks/bench_quant.py --qwen-vl            # Qwen-VL-Chat-shaped 9.6B, GPTQ int4 (built so)
+    .venv/bin/python benchmarks/bench_quant.py --qwen-vl --quick    # the same at 2 LM + 2 ViT layers (a check)
+    .venv/bin/python benchmarks/bench_quant.py --modes bf16 int4 --threads 2 --json out/bench_quant.json
+
+Model: our Qwen2-VL decoder (qwenvl/qwen2_vl.py) at the Qwen2-VL-2B sizes (hidden 1536, 28 layers, 12 heads, 2 KV
+heads, MLP 8960, vocab 151936), random weights, the vision tower cut to one block (decoding never runs it). fp32 and
+bf16 keep lm_head tied to the embedding, as the 2B model does. int8 / int4 quantize every decoder linear and
+lm_head (int8 per output channel; int4 group 128, symmetric), built directly in quantized form with random codes;
+everything else (embedding, norms, activations, KV cache) is bf16. Greedy decoding of `--steps` tokens after a
+16-token prompt; the first two steps are a warm-up (they load the kernels and build per-layer caches).
+
+Roofline: the bytes of weights one decode step reads (every linear weight with its scales and zero points as the
+kernel reads them, the norms, one embedding row; the KV cache of the short context is left out) over the read
+bandwidth of a 1 GiB float32 tensor sum measured in the same run at the same thread count:
+    roofline tok/s = bandwidth / bytes per token,   share = measured tok/s / roofline tok/s.
+
+--qwen-vl builds Qwen-VL-Chat's shapes (LM 32 x 4096, MLP 11008, vocab 151936; ViT-bigG 48 x 1664 at 448 px) with
+the LM linears in the official GPTQ Int4 layout (`--format int4` for ours) and everything else bf16, straight from
+the meta device: the fp32 model (38 GB) never exists. It reports the build RSS, decode tokens/s and the bf16
+image-encode time of one 448 px image.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwenvl import quant_kernels
+from qwenvl.config import QWenConfig
+from qwenvl.kv_cache import KVCache
+from qwenvl.model import QWenLMHeadModel
+from qwenvl.quantize import GPTQLinear, Int4Linear, Int8Linear, quantized_swap, swap_linears
+from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
+from qwenvl.qwen2_vl_config import PRESETS, Qwen2VLConfig
+
+# --------------------------------------------------------------------------- arguments
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                    choices=["fp32", "bf16", "int8", "int4"])
+parser.add_argument("--quick", action="store_true",
+                    help="4 decoder layers instead of 28 (--qwen-vl: 2 LM and 2 ViT layers); same layer shapes")
+parser.add_argument("--qwen-vl", action="store_true", help="the Qwen-VL-Chat-shaped 9.6B int4 run instead")
+parser.add_argument("--format", choices=["gptq", "int4"], default="gptq",
+                    help="--qwen-vl: the LM linears as GPTQLinear (official Int4 layout) or our Int4Linear")
+parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 32; 8 with --qwen-vl)")
+parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+parser.add_argument("--json", type=Path, default=Path("out/bench_quant.json"))
+args = parser.parse_args()
+torch.set_num_threads(args.threads)
+torch.set_flush_denormal(True)          # random weights must not time denormal arithmetic
+steps = args.steps or (8 if args.qwen_vl else 32)
+PROMPT = 16
+
+
+# --------------------------------------------------------------------------- measurement helpers
+def stream_bandwidth() -> float:
+    """Read bandwidth in bytes/s: best of 5 sums of a 1 GiB float32 tensor (far larger than the caches)."""
+    t = torch.ones(2**28)
+    t.sum()
+    best = min(_timed(t.sum) for _ in range(5))
+    del t
+    return 2**30 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def rss_gib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in GiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights read by one decode step: all LLM tensors, one embedding row, no vision tower (a tied
+    lm_head counts the whole table through the lm_head module)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.startswith(("visual", "transformer.visual")):
+            continue
+        if isinstance(module, nn.Embedding):
+            total += module.weight[0].nbytes
+        elif isinstance(module, GPTQLinear):     # the kernel reads float32 scales + uint8 zeros, not qzeros / g_idx
+            total += sum(t.nbytes for t in module.kernel_tensors())
+        else:
+            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            total += sum(t.nbytes for t in own)
+    return total
+
+
+# --------------------------------------------------------------------------- building models
+def fill_quantized(model: nn.Module, generator: torch.Generator) -> None:
+    """Random codes with the scale of a N(0, 0.02) weight (a real model's decode reads the same bytes)."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.weight.random_(-127, 128, generator=generator)
+            m.scales.fill_(0.02 * math.sqrt(3) / 127)
+        elif isinstance(m, Int4Linear):
+            m.qweight.random_(0, 256, generator=generator)
+            m.scales.fill_(0.02 * math.sqrt(3) / 8)
+            m.zeros.fill_(8)
+        elif isinstance(m, GPTQLinear):
+            m.qweight.random_(-2**31, 2**31, generator=generator)
+            m.qzeros.fill_(0x77777777)                   # zero point 8 in every nibble (stored as zero - 1)
+            m.scales.fill_(0.02 * math.sqrt(3) / 8)
+            m.g_idx.copy_(torch.arange(m.in_features) // m.group_size)
+        if isinstance(m, (Int8Linear, Int4Linear, GPTQLinear)) and m.bias is not None:
+            m.bias.zero_()
+
+
+def materialise(model: nn.Module, float_dtype: torch.dtype, generator: torch.Generator) -> nn.Module:
+    """A meta-device model on the CPU: float parameters allocated directly in float_dtype, random weights."""
+    for p in model.parameters():
+        p.data = p.data.to(float_dtype)           # on meta: free; the float32 model is never allocated
+    model.to_empty(device="cpu")
+    model.init_weights(generator)                 # float parameters (v1: the ViT's own init too)
+    fill_quantized(model, generator)
+    return model.eval()
+
+
+def qwen2_2b(mode: str) -> Qwen2VL:
+    raw = json.loads(json.dumps(PRESETS["Qwen2-VL-2B-Instruct"]))
+    raw["vision_config"]["depth"] = 1
+    if args.quick:
+        raw["num_hidden_layers"] = 4
+    with torch.device("meta"):
+        model = Qwen2VL(Qwen2VLConfig.from_dict(raw))
+        if mode in ("int8", "int4"):
+            bits = 8 if mode == "int8" else 4
+            quantized_swap(model, {"quant_method": "qwenvl", "bits": bits, "group_size": 128, "sym": True,
+                                   "lm_head": True})
+    return materialise(model, torch.float32 if mode == "fp32" else torch.bfloat16, torch.Generator().manual_seed(0))
+
+
+def qwen_vl_chat() -> QWenLMHeadModel:
+    cfg = QWenConfig.from_name("Qwen-VL-Chat")
+    if args.quick:
+        cfg.num_hidden_layers, cfg.visual.layers = 2, 2
+    scheme = ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+              if args.format == "gptq" else {"quant_method": "qwenvl", "bits": 4, "group_size": 128, "sym": True})
+    with torch.device("meta"):
+        model = QWenLMHeadModel(cfg)
+        quantized_swap(model, scheme)
+    return materialise(model, torch.bfloat16, torch.Generator().manual_seed(0))
+
+
+class Stub(nn.Module):
+    """A linear that costs nothing: what is left of a decode step is the model's own time (norms, RoPE, attention)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def stub_linears(model: Qwen2VL) -> Qwen2VL:
+    swap_linears(model, lambda lin: Stub(lin.out_features), lm_head=True)
+    return model
+
+
+# --------------------------------------------------------------------------- decoding
+@torch.no_grad()
+def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
+    """Greedy decode tokens/s after a PROMPT-token prompt (2 untimed warm-up steps)."""
+    ids = torch.randint(0, 150000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    max_len = PROMPT + steps + 3
+    if isinstance(model, Qwen2VL):
+        cache = new_kv_cache(model.config, 1, max_len, dtype)
+        step = lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1),  # noqa: E731
+                                 kv_cache=cache, last_only=True)
+    else:
+        cache = KVCache.empty(model.config, 1, max_len, dtype)
+        step = lambda tok: model(tok, kv_cache=cache, last_only=True)                                   # noqa: E731
+    tok = model(ids, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):
+        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = step(tok)[:, -1].argmax(-1, keepdim=True)
+    return steps / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- run
+t0 = time.perf_counter()
+lib = quant_kernels.library()
+kernels = (f"compiled kernels, {quant_kernels.lanes()} float32 lanes (ready in {time.perf_counter() - t0:.1f}s)"
+           if lib is not None else f"no compiled kernels ({quant_kernels.unavailable_reason()})")
+bandwidth = stream_bandwidth()
+print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {kernels}")
+print(f"stream read bandwidth (1 GiB sum): {bandwidth / 1e9:.1f} GB/s")
+results: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernels": kernels,
+                 "bandwidth_GBps": bandwidth / 1e9, "steps": steps}
+
+if args.qwen_vl:
+    before = rss_gib()[0]
+    t0 = time.perf_counter()
+    model = qwen_vl_chat()
+    build_s, (rss, peak) = time.perf_counter() - t0, rss_gib()
+    n_params = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, (GPTQLinear, Int4Linear)))
+    depth = f" ({model.config.num_hidden_layers} LM / {model.config.visual.layers} ViT layers)" if args.quick else ""
+    layout = "GPTQ int4 (the official layout)" if args.format == "gptq" else "our int4 (group 128, symmetric)"
+    print(f"Qwen-VL-Chat shapes{depth}, {n_params / 1e9:.2f}B parameters, LM linears {layout}, rest bf16: "
+          f"built in {build_s:.0f}s, RSS {rss:.1f} GiB (peak {peak:.1f}, {before:.1f} before)")
+    pixels = torch.randn(1, 3, 448, 448).bfloat16()
+    with torch.no_grad():
+        model.encode_images(pixels[:, :, :224, :224])                       # warm-up
+        image_s = _timed(lambda: model.encode_images(pixels))
+    tok_s, nbytes = decode_speed(model, torch.bfloat16), decode_bytes(model)
+    share = tok_s * nbytes / bandwidth
+    print(f"decode {tok_s:.2f} tok/s ({1000 / tok_s:.0f} ms/token), {nbytes / 1e9:.2f} GB of weights per token, "
+          f"{100 * share:.0f}% of the roofline ({bandwidth / nbytes:.2f} tok/s); image encode (448 px, bf16 ViT) "
+          f"{image_s:.1f}s; peak RSS {rss_gib()[1]:.1f} GiB")
+    results["qwen_vl_chat_int4" + ("_quick" if args.quick else "")] = {
+        "format": args.format, "params_B": n_params / 1e9, "build_s": build_s, "rss_GiB": rss,
+        "peak_rss_GiB": rss_gib()[1], "decode_tok_s": tok_s, "weight_GB_per_token": nbytes / 1e9,
+        "roofline_share": share, "image_encode_s": image_s}
+else:
+    layers = 4 if args.quick else 28
+    print(f"Qwen2-VL-2B-sized LLM ({layers} of 28 layers), batch 1, {steps} greedy decode steps")
+    rows = {}
+    for mode in args.modes:
+        model = qwen2_2b(mode)
+        dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+        tok_s, nbytes = decode_speed(model, dtype), decode_bytes(model)
+        rows[mode] = {"tok_s": tok_s, "weight_GB_per_token": nbytes / 1e9, "roofline_tok_s": bandwidth / nbytes,
+                      "roofline_share": tok_s * nbytes / bandwidth}
+        print(f"  {mode}: {tok_s:.2f} tok/s")
+        if mode == "bf16":
+            results["outside_linears_ms_per_token"] = 1000 / decode_speed(stub_linears(model), dtype)
+        del model
+        gc.collect()
+    print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'roofline':>10}{'share':>8}{'x bf16':>8}")
+    for mode, row in rows.items():
+        if "bf16" in rows:
+            row["vs_bf16"] = row["tok_s"] / rows["bf16"]["tok_s"]
+        print(f"{mode:<6}{row['weight_GB_per_token']:>10.2f}{row['tok_s']:>9.2f}{1000 / row['tok_s']:>10.1f}"
+              f"{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%{row.get('vs_bf16', 0):>8.2f}")
+    if "outside_linears_ms_per_token" in results:
+        print(f"time outside the linears (all linears stubbed, bf16): {results['outside_linears_ms_per_token']:.1f} "
+              f"ms/token: norms, RoPE, attention, the Python around them")
+    results["qwen2_vl_2b" + ("_quick" if args.quick else "")] = rows
+
+args.json.parent.mkdir(parents=True, exist_ok=True)
+args.json.write_text(json.dumps(results, indent=2))
+print(f"wrote {args.json}")
