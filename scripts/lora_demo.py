@@ -1,0 +1,158 @@
+"""LoRA-teach the demo model a shape it has never seen ("heart"), and measure held-out accuracy before/after.
+
+    .venv/bin/python scripts/lora_demo.py --model qwenvl/assets/demo_model --data runs/lora_demo/data \\
+        --out runs/lora_demo/run
+    .venv/bin/python scripts/lora_demo.py --model M --data D --out O --smoke   # a few steps (pipeline check)
+
+The synthetic world has seven shapes (circle, square, triangle, star, diamond, hexagon, cross). This script
+draws single-object scenes on the world's backgrounds, half with a world shape and half with a heart, and
+asks "What shape is the <colour> object?" in English. Before tuning the model can only answer with a shape it
+knows, so it gets every heart wrong; LoRA on the official targets (no full wte/lm_head copies) teaches the
+new word while the held-out questions about the known shapes check that nothing else broke.
+
+The data is written in the official fine-tune format (DATA/train.json, DATA/test.json, DATA/images/*.png, paths
+relative to the JSON), trained with `qwenvl.finetune` exactly as `qwenvl finetune` would, and the results go to
+OUT/results.json and OUT/results.md (a table ready for the README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from qwenvl.data import render_sft
+from qwenvl.finetune import FinetuneArgs, finetune
+from qwenvl.generation import generate, left_pad
+from qwenvl.images import load_image, preprocess_v1
+from qwenvl.lora import merge_lora
+from qwenvl.peft_format import load_adapter
+from qwenvl.sampling import SamplingParams
+from qwenvl.synthetic_scenes import SceneSpec, render_scene, sample_scene
+from qwenvl.synthetic_world import colour_name, shape_name
+from qwenvl.tokenizer import QWenTokenizer
+from qwenvl.weights import load_model
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", type=Path, required=True, help="the demo model (or any Qwen-VL checkpoint)")
+parser.add_argument("--data", type=Path, required=True, help="data folder (written if it has no train.json)")
+parser.add_argument("--out", type=Path, required=True, help="fine-tune output folder (resumable)")
+parser.add_argument("--n-train", type=int, default=800)
+parser.add_argument("--n-test", type=int, default=100, help="held-out questions (half hearts, half known shapes)")
+parser.add_argument("--epochs", type=float, default=2.0)
+parser.add_argument("--lr", type=float, default=5e-4)
+parser.add_argument("--lora-r", type=int, default=16)
+parser.add_argument("--batch-size", type=int, default=8)
+parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+parser.add_argument("--smoke", action="store_true", help="tiny data and 3 steps: checks the pipeline only")
+args = parser.parse_args()
+torch.set_num_threads(args.threads)
+if args.smoke:
+    args.n_train, args.n_test, args.epochs = 16, 8, 0.0
+NEW = "heart"
+
+
+# --------------------------------------------------------------------------- the new shape
+def heart_mask(side: int) -> Image.Image:
+    """A filled heart in a side x side square: two circles on top of a downward triangle."""
+    img = Image.new("L", (side, side), 0)
+    d = ImageDraw.Draw(img)
+    r = side / 4
+    d.ellipse((0, 0, 2 * r, 2 * r), fill=255)
+    d.ellipse((2 * r - 1, 0, 4 * r - 1, 2 * r), fill=255)
+    d.polygon([(0.15 * r, 1.35 * r), (3.85 * r - 1, 1.35 * r), (2 * r - 0.5, side - 1)], fill=255)
+    return img
+
+
+def make_sample(rng: random.Random, k: int, split: str, folder: Path) -> dict:
+    """One scene with one object; with probability 1/2 the object is redrawn as a heart of the same colour."""
+    scene = sample_scene(rng, SceneSpec(n_objects=(1, 1), n_texts=(0, 0)))
+    obj = scene.objects[0]
+    img = render_scene(scene.__class__(scene.width, scene.height, scene.background, (), ()))
+    is_heart = k % 2 == 0
+    mask = heart_mask(obj.side) if is_heart else None
+    if is_heart:
+        img.paste(obj.rgb, (obj.x, obj.y, obj.x + obj.side, obj.y + obj.side), mask)
+    else:
+        img = render_scene(scene)
+    rel = f"images/{split}_{k:05d}.png"
+    img.save(folder / rel)
+    question = rng.choice((f"What shape is the {colour_name(obj.colour, 'en')} object?",
+                           f"What is the shape of the {colour_name(obj.colour, 'en')} object?"))
+    answer = NEW if is_heart else shape_name(obj.kind, "en")
+    return {"id": f"{split}-{k}", "conversations": [
+        {"from": "user", "value": f"Picture 1: <img>{rel}</img>\n{question}"},
+        {"from": "assistant", "value": answer}]}
+
+
+def write_data(folder: Path) -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", args.n_train, 1), ("test", args.n_test, 2)):
+        rng = random.Random(f"lora-demo-{split}-{seed}")
+        samples = [make_sample(rng, k, split, folder) for k in range(n)]
+        (folder / f"{split}.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
+
+
+if not (args.data / "train.json").is_file():
+    print(f"writing {args.n_train} + {args.n_test} samples to {args.data}", flush=True)
+    write_data(args.data)
+
+
+# --------------------------------------------------------------------------- held-out accuracy
+@torch.no_grad()
+def accuracy(model, tok: QWenTokenizer, samples: list[dict], image_size: int, batch: int = 16) -> dict:
+    """Greedy answers to the held-out questions; exact match (case and final '.' ignored), per group."""
+    model.eval()
+    right = {"heart": [], "known shapes": []}
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        prompts = [render_sft(s["conversations"][:1], tok).input_ids + tok.encode("<|im_start|>assistant\n")
+                   for s in chunk]
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        pixels = torch.stack([preprocess_v1(load_image(str(args.data / p)), image_size)
+                              for s in chunk for p in tok.image_paths(tok.encode(s["conversations"][0]["value"]))])
+        out = generate(model, ids, SamplingParams(max_new_tokens=8, do_sample=False), attention_mask=mask,
+                       images=pixels, eos_token_id=tok.im_end_id)
+        for s, row in zip(chunk, out.tolist()):
+            answer = tok.decode([t for t in row if t < tok.eod_id]).strip().rstrip(".").lower()
+            gold = s["conversations"][1]["value"]
+            right["heart" if gold == NEW else "known shapes"].append(answer == gold)
+    return {k: round(sum(v) / max(1, len(v)), 3) for k, v in right.items()}
+
+
+tok = QWenTokenizer.from_pretrained(args.model)
+test = json.loads((args.data / "test.json").read_text())
+base = load_model(args.model, "float32")
+image_size = base.config.visual.image_size
+before = accuracy(base, tok, test, image_size)
+print(f"before LoRA: {before}", flush=True)
+
+# --------------------------------------------------------------------------- LoRA
+t0 = time.time()
+summary = finetune(FinetuneArgs(
+    data=args.data / "train.json", model=args.model, out=args.out, method="lora", epochs=args.epochs,
+    max_steps=3 if args.smoke else None, batch_size=args.batch_size, grad_accum=1, lr=args.lr, warmup_ratio=0.05,
+    lora_r=args.lora_r, lora_alpha=2 * args.lora_r, modules_to_save="none", dtype="fp32", max_len=512,
+    save_every=50)) if not (args.out / "finished.json").is_file() else json.loads((args.out / "finished.json").read_text())
+minutes = (time.time() - t0) / 60
+tuned = load_model(args.model, "float32")
+load_adapter(tuned, args.out)
+merge_lora(tuned)
+after = accuracy(tuned, tok, test, image_size)
+print(f"after LoRA:  {after}  ({minutes:.1f} min of training)", flush=True)
+
+# --------------------------------------------------------------------------- report
+results = {"before": before, "after": after, "n_train": args.n_train, "n_test": len(test), "epochs": args.epochs,
+           "lr": args.lr, "lora_r": args.lora_r, "train_minutes": round(minutes, 1), "finetune": summary}
+(args.out / "results.json").write_text(json.dumps(results, indent=2))
+table = ["| held-out questions | before LoRA | after LoRA |", "|---|---|---|"]
+table += [f"| {k} ({sum(1 for s in test if (s['conversations'][1]['value'] == NEW) == (k == 'heart'))}) "
+          f"| {before[k]:.0%} | {after[k]:.0%} |" for k in before]
+(args.out / "results.md").write_text("\n".join(table) + "\n")
+print("\n".join(table))
+sys.exit(0)
