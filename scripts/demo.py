@@ -8,12 +8,11 @@ on a randomly initialised tiny checkpoint built on the real Qwen vocabulary, so 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-from PIL import Image, ImageDraw
 
 from qwenvl.cli import DEMO_MODEL_DIR, main
 from qwenvl.config import GenerationConfig, QWenConfig
@@ -43,22 +42,16 @@ if not bundled:
           "(answers are noise).\n")
     model_args = ["--model", str(random_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="qwenvl-demo-"))))]
 
-# --------------------------------------------------------------------------- picture
-picture = ROOT / "examples" / "shapes.png"
-if not picture.is_file():
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (448, 448), (235, 235, 225))
-    d = ImageDraw.Draw(img)
-    d.ellipse((60, 80, 180, 200), fill=(220, 40, 40))
-    d.rectangle((260, 240, 400, 380), fill=(40, 90, 220))
-    img.save(picture)
-
-# --------------------------------------------------------------------------- questions
-rel = str(picture.relative_to(ROOT)) if picture.is_relative_to(ROOT) else str(picture)
+# --------------------------------------------------------------------------- picture and questions
+# examples/ is written by scripts/make_examples.py (synthetic scenes with fixed seeds); questions.json names
+# an object that is unique in each picture.
+picture = ROOT / "examples" / "scene.png"
+grounding_question = json.loads((ROOT / "examples" / "questions.json").read_text())[picture.name]["ground_en"]
+rel = str(picture.relative_to(ROOT))
 for question, extra in (("What is in the picture?", []),
-                        ("Where is the red circle?", ["--draw", str(OUT / "demo_boxes.png")])):
+                        (grounding_question, ["--draw", str(OUT / "demo_boxes.png")])):
     print(f"Q: {question}\nA: ", end="", flush=True)
-    code = main(["chat", *model_args, "--image", rel, "--greedy", "--max-new-tokens", "24", *extra, question])
+    code = main(["chat", *model_args, "--image", rel, "--greedy", "--max-new-tokens", "48", *extra, question])
     if code:
         sys.exit(code)
-print(f"\n(grounding answers are drawn to {OUT / 'demo_boxes.png'} when the answer holds a box)")
+print(f"\n(the grounding answer's boxes are drawn on the picture in {OUT / 'demo_boxes.png'})")
