@@ -54,4 +54,4 @@ for question, extra in (("What is in the picture?", []),
     code = main(["chat", *model_args, "--image", rel, "--greedy", "--max-new-tokens", "48", *extra, question])
     if code:
         sys.exit(code)
-print(f"\n(the grounding answer's boxes are drawn on the picture in {OUT / 'demo_boxes.png'})")
+print(f"\n(when the grounding answer holds a box, it is drawn on the picture in {OUT / 'demo_boxes.png'})")
