@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tiny_checkpoint import write_tiny_checkpoint
 from qwenvl.api import AutoModelForCausalLM, AutoTokenizer
 from qwenvl.chat import decode_tokens, get_stop_words_ids, make_context
 from qwenvl.tokenizer import image_paths_in_ids
-from qwenvl.config import GenerationConfig, QWenConfig
+from qwenvl.config import GenerationConfig
 from qwenvl.tokenizer import QWenTokenizer
-from qwenvl.weights import save_random_checkpoint
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -59,18 +58,11 @@ def test_image_paths_in_ids(tokenizer):
 
 # --- a tiny random model on the real vocabulary -------------------------------------------------------
 
-TINY_REAL_VOCAB = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, kv_channels=32,
-                       intermediate_size=128, torch_dtype="float32",
-                       visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0,
-                                   output_dim=64, n_queries=64, image_start_id=151857))
-
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_chat")
-    save_random_checkpoint(QWenConfig.from_dict(TINY_REAL_VOCAB), d, seed=0,
-                           generation_config=GenerationConfig(max_new_tokens=8))
-    shutil.copy(VOCAB, d / "qwen.tiktoken")
+    write_tiny_checkpoint(d, layers=2, generation_config=GenerationConfig(max_new_tokens=8))
     Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
     return d
 

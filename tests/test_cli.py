@@ -2,28 +2,20 @@
 from __future__ import annotations
 
 import io
-import shutil
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tiny_checkpoint import write_tiny_checkpoint
 from qwenvl.cli import main
-from qwenvl.config import GenerationConfig, QWenConfig
-from qwenvl.weights import save_random_checkpoint
+from qwenvl.config import GenerationConfig
 
-VOCAB = Path(__file__).parent / "fixtures" / "qwen.tiktoken"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_model")
-    cfg = QWenConfig.from_dict(dict(vocab_size=151936, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    kv_channels=32, intermediate_size=128, torch_dtype="float32",
-                                    visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2,
-                                                mlp_ratio=2.0, output_dim=64, n_queries=64)))
-    save_random_checkpoint(cfg, d, generation_config=GenerationConfig(max_new_tokens=5))
-    shutil.copy(VOCAB, d / "qwen.tiktoken")
+    write_tiny_checkpoint(d, n_queries=64, generation_config=GenerationConfig(max_new_tokens=5))
     Image.new("RGB", (30, 20), (0, 200, 0)).save(d / "g.png")
     return d
 

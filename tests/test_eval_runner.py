@@ -15,27 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_checkpoint import write_tiny_checkpoint
 from qwenvl.cli import main
-from qwenvl.config import GenerationConfig, QWenConfig
+from qwenvl.config import GenerationConfig
 from qwenvl.evaluation import runner, tasks
 from qwenvl.evaluation.datasets import ReadOptions, read_choice, read_refcoco, read_vqa
 from qwenvl.evaluation.local import LocalModel
 from qwenvl.synthetic import write_eval_sets
-from qwenvl.weights import save_random_checkpoint
 
-VOCAB = Path(__file__).parent / "fixtures" / "qwen.tiktoken"
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_model")
-    cfg = QWenConfig.from_dict(dict(vocab_size=151936, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    kv_channels=32, intermediate_size=128, torch_dtype="float32",
-                                    visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2,
-                                                mlp_ratio=2.0, output_dim=64, n_queries=16)))
-    save_random_checkpoint(cfg, d, seed=0, generation_config=GenerationConfig(max_new_tokens=5))
-    shutil.copy(VOCAB, d / "qwen.tiktoken")
+    write_tiny_checkpoint(d, n_queries=16, generation_config=GenerationConfig(max_new_tokens=5))
     return d
 
 

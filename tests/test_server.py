@@ -8,22 +8,21 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
 from scripted_model import ScriptedModel
+from tiny_checkpoint import write_tiny_checkpoint
 from PIL import Image
 
 from qwenvl.chat import DEFAULT_SYSTEM, make_context, response_tokens
-from qwenvl.config import GenerationConfig, QWenConfig
+from qwenvl.config import GenerationConfig
 from qwenvl.generation import generate
 from qwenvl.images import TRUSTED, load_image, preprocess_v1
 from qwenvl.messages import ImageSlot, Message, Text, render_messages
@@ -31,13 +30,8 @@ from qwenvl.sampling import SamplingParams
 from qwenvl.server import BackgroundServer, ServeConfig, TextStream, boxes_payload, create_app, LoadedImage
 from qwenvl.engine import ImageInput
 from qwenvl.tokenizer import QWenTokenizer
-from qwenvl.weights import load_model, save_random_checkpoint
+from qwenvl.weights import load_model
 
-VOCAB = Path(__file__).parent / "fixtures" / "qwen.tiktoken"
-TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, kv_channels=32,
-            intermediate_size=128, torch_dtype="float32",
-            visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=64,
-                        n_queries=64, image_start_id=151857))
 MAX_LEN = 384
 
 
@@ -47,8 +41,7 @@ MAX_LEN = 384
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_model")
-    save_random_checkpoint(QWenConfig.from_dict(TINY), d, seed=0, generation_config=GenerationConfig())
-    shutil.copy(VOCAB, d / "qwen.tiktoken")
+    write_tiny_checkpoint(d, layers=2)
     return d
 
 

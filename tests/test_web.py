@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 from scripted_model import ScriptedModel
+from tiny_checkpoint import write_tiny_checkpoint
 from PIL import Image
 
-from qwenvl.config import GenerationConfig, QWenConfig
+from qwenvl.config import GenerationConfig
 from qwenvl.server import BackgroundServer, ServeConfig, create_app
 from qwenvl.tokenizer import QWenTokenizer
-from qwenvl.weights import load_model, save_random_checkpoint
+from qwenvl.weights import load_model
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -30,11 +31,6 @@ CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromiu
 pytestmark = pytest.mark.skipif(CHROMEDRIVER is None or CHROMIUM is None,
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
-VOCAB = Path(__file__).parent / "fixtures" / "qwen.tiktoken"
-TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, kv_channels=32,
-            intermediate_size=128, torch_dtype="float32",
-            visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=64,
-                        n_queries=64, image_start_id=151857))
 ANSWER = "<ref>the square</ref><box>(100,200),(500,600)</box> is there"
 
 
@@ -43,8 +39,7 @@ ANSWER = "<ref>the square</ref><box>(100,200),(500,600)</box> is there"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("web_model")
-    save_random_checkpoint(QWenConfig.from_dict(TINY), d, seed=0, generation_config=GenerationConfig())
-    shutil.copy(VOCAB, d / "qwen.tiktoken")
+    write_tiny_checkpoint(d, layers=1)
     tokenizer = QWenTokenizer.from_pretrained(d)
     model = ScriptedModel(load_model(d, "float32").eval(), tokenizer.encode(ANSWER), tokenizer.im_end_id)
     app = create_app(model, tokenizer, GenerationConfig(), ServeConfig(model_name="tiny", max_batch=1, max_len=512))
