@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-inference clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_decode.py
 	$(BIN)/python benchmarks/bench_quant.py
+
+bench-inference: install     # qwenvl vs transformers: encode, prefill, TTFT, decode, memory (~15 min, ~10 GB)
+	$(BIN)/python benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

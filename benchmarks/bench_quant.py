@@ -28,19 +28,24 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_models import materialise
+from measure import cpu_name, decode_bytes, rss_gib, stream_bandwidth, timed
 from torch import nn
 
 from qwenvl import quant_kernels
 from qwenvl.config import QWenConfig
 from qwenvl.kv_cache import KVCache
 from qwenvl.model import QWenLMHeadModel
-from qwenvl.quantize import GPTQLinear, Int4Linear, Int8Linear, quantized_swap, swap_linears
+from qwenvl.quantize import (
+    GPTQLinear,
+    Int4Linear,
+    quantized_swap,
+    swap_linears,
+)
 from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
 from qwenvl.qwen2_vl_config import PRESETS, Qwen2VLConfig
 
@@ -63,82 +68,7 @@ steps = args.steps or (8 if args.qwen_vl else 32)
 PROMPT = 16
 
 
-# --------------------------------------------------------------------------- measurement helpers
-def stream_bandwidth() -> float:
-    """Read bandwidth in bytes/s: best of 5 sums of a 1 GiB float32 tensor (far larger than the caches)."""
-    t = torch.ones(2**28)
-    t.sum()
-    best = min(_timed(t.sum) for _ in range(5))
-    del t
-    return 2**30 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def rss_gib() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in GiB."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
-
-
-def decode_bytes(model: nn.Module) -> int:
-    """Bytes of weights read by one decode step: all LLM tensors, one embedding row, no vision tower (a tied
-    lm_head counts the whole table through the lm_head module)."""
-    total = 0
-    for name, module in model.named_modules():
-        if name.startswith(("visual", "transformer.visual")):
-            continue
-        if isinstance(module, nn.Embedding):
-            total += module.weight[0].nbytes
-        elif isinstance(module, GPTQLinear):     # the kernel reads float32 scales + uint8 zeros, not qzeros / g_idx
-            total += sum(t.nbytes for t in module.kernel_tensors())
-        else:
-            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-            total += sum(t.nbytes for t in own)
-    return total
-
-
 # --------------------------------------------------------------------------- building models
-def fill_quantized(model: nn.Module, generator: torch.Generator) -> None:
-    """Random codes with the scale of a N(0, 0.02) weight (a real model's decode reads the same bytes)."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.weight.random_(-127, 128, generator=generator)
-            m.scales.fill_(0.02 * math.sqrt(3) / 127)
-        elif isinstance(m, Int4Linear):
-            m.qweight.random_(0, 256, generator=generator)
-            m.scales.fill_(0.02 * math.sqrt(3) / 8)
-            m.zeros.fill_(8)
-        elif isinstance(m, GPTQLinear):
-            m.qweight.random_(-2**31, 2**31, generator=generator)
-            m.qzeros.fill_(0x77777777)                   # zero point 8 in every nibble (stored as zero - 1)
-            m.scales.fill_(0.02 * math.sqrt(3) / 8)
-            m.g_idx.copy_(torch.arange(m.in_features) // m.group_size)
-        if isinstance(m, (Int8Linear, Int4Linear, GPTQLinear)) and m.bias is not None:
-            m.bias.zero_()
-
-
-def materialise(model: nn.Module, float_dtype: torch.dtype, generator: torch.Generator) -> nn.Module:
-    """A meta-device model on the CPU: float parameters allocated directly in float_dtype, random weights."""
-    for p in model.parameters():
-        p.data = p.data.to(float_dtype)           # on meta: free; the float32 model is never allocated
-    model.to_empty(device="cpu")
-    model.init_weights(generator)                 # float parameters (v1: the ViT's own init too)
-    fill_quantized(model, generator)
-    return model.eval()
-
-
 def qwen2_2b(mode: str) -> Qwen2VL:
     raw = json.loads(json.dumps(PRESETS["Qwen2-VL-2B-Instruct"]))
     raw["vision_config"]["depth"] = 1
@@ -189,11 +119,11 @@ def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
     max_len = PROMPT + steps + 3
     if isinstance(model, Qwen2VL):
         cache = new_kv_cache(model.config, 1, max_len, dtype)
-        step = lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1),  # noqa: E731
+        step = lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1),
                                  kv_cache=cache, last_only=True)
     else:
         cache = KVCache.empty(model.config, 1, max_len, dtype)
-        step = lambda tok: model(tok, kv_cache=cache, last_only=True)                                   # noqa: E731
+        step = lambda tok: model(tok, kv_cache=cache, last_only=True)
     tok = model(ids, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
     for _ in range(2):
         tok = step(tok)[:, -1].argmax(-1, keepdim=True)
@@ -228,7 +158,7 @@ if args.qwen_vl:
     pixels = torch.randn(1, 3, 448, 448).bfloat16()
     with torch.no_grad():
         model.encode_images(pixels[:, :, :224, :224])                       # warm-up
-        image_s = _timed(lambda: model.encode_images(pixels))
+        image_s = timed(lambda: model.encode_images(pixels))
     tok_s, nbytes = decode_speed(model, torch.bfloat16), decode_bytes(model)
     share = tok_s * nbytes / bandwidth
     print(f"decode {tok_s:.2f} tok/s ({1000 / tok_s:.0f} ms/token), {nbytes / 1e9:.2f} GB of weights per token, "

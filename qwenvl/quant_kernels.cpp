@@ -190,6 +190,69 @@ static void group_sums(const float* x, int64_t M, int64_t K, int64_t group, floa
     }
 }
 
+#if defined(QK_BF16_DOT) && QK_LANES == 16
+// One row of bfloat16 x (decoding a bf16 model) with AVX512-BF16: the codes of 32 bytes become 64 exact bf16 values by
+// a 16-entry table lookup (vpermw), and vdpbf16ps multiplies pairs of them with the de-interleaved inputs, adding the
+// exact products in float32 (as the float path does, in another order). 7 instructions per 64 weights instead of 14:
+// the float path is bound by converting codes (~11 GB/s of int4 per core), this one by the memory. Needs group % 64.
+template <int R>
+static void int4_block_bf16(const uint16_t* xe, const uint16_t* xo, const float* xsum, int64_t K2, int64_t G,
+                            int64_t gs2, const uint8_t* w, const float* scale, const uint8_t* zero, const float* bias,
+                            float* y, int64_t n0) {
+  static const uint16_t codes_bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};  // 0..15
+  const __m512i table = _mm512_loadu_si512(codes_bf16), low4 = _mm512_set1_epi16(15);
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const uint8_t* row = w + n0 * K2;
+  for (int64_t g = 0; g < G; g++) {
+    __m512 part[R];
+    for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
+    for (int64_t j = g * gs2; j < (g + 1) * gs2; j += 32) {
+      if (j % 64 < 32) prefetch_ahead<R>(row, K2, j);
+      const __m512bh xev = (__m512bh)_mm512_loadu_si512(xe + j), xov = (__m512bh)_mm512_loadu_si512(xo + j);
+      for (int r = 0; r < R; r++) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + r * K2 + j)));
+        const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);   // inputs 2(j+i)
+        const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);      // inputs 2(j+i)+1
+        part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)lo, xev);
+        part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)hi, xov);
+      }
+    }
+    for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scale[(n0 + r) * G + g]), acc[r]);
+  }
+  for (int r = 0; r < R; r++) {
+    const float* s = scale + (n0 + r) * G;
+    const uint8_t* z = zero + (n0 + r) * G;
+    float zsum = 0.f;
+    for (int64_t g = 0; g < G; g++) zsum += s[g] * (float)z[g] * xsum[g];
+    y[n0 + r] = _mm512_reduce_add_ps(acc[r]) - zsum + (bias ? bias[n0 + r] : 0.f);
+  }
+}
+
+static int bf16_dot_on = 1;         // qk_bf16_dot(0) turns this path off (tests compare both, benchmarks time both)
+
+// x: one row of bf16 [K]; K % group == 0, group % 64 == 0.
+static void int4_matvec_bf16(const uint16_t* x, int64_t K, const uint8_t* w, const float* scale, const uint8_t* zero,
+                             int64_t group, const float* bias, float* y, int64_t N, int threads) {
+  const int64_t K2 = K / 2, G = K / group, gs2 = group / 2;
+  std::vector<uint16_t> xeo(K);
+  std::vector<float> xsum(G, 0.f);
+  uint16_t *xe = xeo.data(), *xo = xe + K2;
+  for (int64_t i = 0; i < K2; i++) xe[i] = x[2 * i], xo[i] = x[2 * i + 1];
+  for (int64_t k = 0; k < K; k++) {
+    const uint32_t u = (uint32_t)x[k] << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    xsum[k / group] += f;
+  }
+  const int64_t blocks = N / 8;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < blocks; i++) int4_block_bf16<8>(xe, xo, xsum.data(), K2, G, gs2, w, scale, zero, bias, y, 8 * i);
+  for (int64_t n = 8 * blocks; n < N; n++) int4_block_bf16<1>(xe, xo, xsum.data(), K2, G, gs2, w, scale, zero, bias, y, n);
+}
+#endif
+
 // Needs group % (2 * L) == 0 (checked by the caller).
 static void int4_matvec(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
                         const uint8_t* zero, int64_t group, const float* bias, float* y, int64_t N, int threads) {
@@ -213,6 +276,72 @@ static void int4_matvec(const float* x, int64_t M, int64_t K, const uint8_t* w, 
     }
   }
   for (int64_t n = 8 * blocks; n < N; n++) int4_rows<1>(xe, xo, xsum, M, K2, G, gs2, w, scale, zero, bias, y, N, n);
+}
+
+// ------------------------------------------------------------------------------------------ bf16 / float32 weights
+
+// Float weights for decoding (qwenvl/fast_linear.py): torch's own GEMV reads float32 at ~22 GB/s and bfloat16 at
+// ~11 GB/s on the 2-core AVX-512 machine (it converts bf16 in a slow loop); these read both near the bandwidth.
+// bf16 -> float32 is exact (a 16-bit shift), so y is float32 sums of the exact products, as in torch's matmul.
+static inline f32v widen_w(const uint16_t* p) {
+#if QK_LANES == 16 && defined(__AVX512F__)
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (f32v)_mm512_slli_epi32(v, 16);
+#elif QK_LANES == 8 && defined(__AVX2__)
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (f32v)_mm256_slli_epi32(v, 16);
+#else
+  f32v v;
+  for (int i = 0; i < L; i++) { uint32_t u = (uint32_t)p[i] << 16; std::memcpy(&v[i], &u, 4); }
+  return v;
+#endif
+}
+static inline f32v widen_w(const float* p) { return load<f32v>(p); }
+static inline float scalar_w(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float scalar_w(float f) { return f; }
+
+template <int R, int BB, typename W>
+static void dense_block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t n0) {
+  f32v acc[BB][R] = {};
+  const W* row = w + n0 * K;
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    if (k % (64 / sizeof(W)) < L) prefetch_ahead<R>(row, K, k);
+    f32v wv[R];
+    for (int r = 0; r < R; r++) wv[r] = widen_w(row + r * K + k);
+    for (int b = 0; b < BB; b++) {
+      f32v xv = load<f32v>(x + b * K + k);
+      for (int r = 0; r < R; r++) acc[b][r] += wv[r] * xv;
+    }
+  }
+  for (int b = 0; b < BB; b++)
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[b][r]);
+      for (int64_t kk = k; kk < K; kk++) s += x[b * K + kk] * scalar_w(row[r * K + kk]);
+      y[b * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
+    }
+}
+
+template <int R, typename W>
+static void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N,
+                       int64_t n0) {
+  over_rows(M, [&]<int BB>(int64_t m) { dense_block<R, BB, W>(x + m * K, K, w, bias, y + m * N, N, n0); });
+}
+
+template <typename W>
+static void dense_matvec(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N,
+                         int threads) {
+  const int64_t blocks = N / 8;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < blocks; i++) {
+    if (M == 1) {
+      dense_block<8, 1, W>(x, K, w, bias, y, N, 8 * i);
+    } else {
+      dense_rows<4, W>(x, M, K, w, bias, y, N, 8 * i);
+      dense_rows<4, W>(x, M, K, w, bias, y, N, 8 * i + 4);
+    }
+  }
+  for (int64_t n = 8 * blocks; n < N; n++) dense_rows<1, W>(x, M, K, w, bias, y, N, n);
 }
 
 // ------------------------------------------------------------------------------------------ entry points
@@ -256,7 +385,25 @@ extern "C" void qk_int4(const void* x, int64_t M, int64_t K, const uint8_t* w, c
                         int threads) {
   std::vector<float> xbuf, ybuf(bf16 ? M * N : 0);
   float* yf = bf16 ? ybuf.data() : static_cast<float*>(y);
+#if defined(QK_BF16_DOT) && QK_LANES == 16
+  if (bf16 && M == 1 && group % 64 == 0 && bf16_dot_on) {
+    int4_matvec_bf16(static_cast<const uint16_t*>(x), K, w, scale, zero, group, bias, yf, N, threads);
+    store_bf16(yf, N, y);
+    return;
+  }
+#endif
   int4_matvec(as_f32(x, M * K, bf16, xbuf), M, K, w, scale, zero, group, bias, yf, N, threads);
+  if (bf16) store_bf16(yf, M * N, y);
+}
+
+// Float weights: w is bfloat16 [N, K] when w_bf16 != 0, else float32. x / y as in qk_int8.
+extern "C" void qk_dense(const void* x, int64_t M, int64_t K, const void* w, int w_bf16, const float* bias, void* y,
+                         int64_t N, int bf16, int threads) {
+  std::vector<float> xbuf, ybuf(bf16 ? M * N : 0);
+  float* yf = bf16 ? ybuf.data() : static_cast<float*>(y);
+  const float* xf = as_f32(x, M * K, bf16, xbuf);
+  if (w_bf16) dense_matvec(xf, M, K, static_cast<const uint16_t*>(w), bias, yf, N, threads);
+  else dense_matvec(xf, M, K, static_cast<const float*>(w), bias, yf, N, threads);
   if (bf16) store_bf16(yf, M * N, y);
 }
 
@@ -301,3 +448,14 @@ extern "C" void qk_dequant_int4(const uint8_t* w, const float* scale, const uint
 }
 
 extern "C" int qk_lanes() { return L; }
+
+// Whether bf16 decoding uses the AVX512-BF16 int4 kernel (set to `on`; -1 only asks). -1 when it was not built.
+extern "C" int qk_bf16_dot(int on) {
+#if defined(QK_BF16_DOT) && QK_LANES == 16
+  if (on >= 0) bf16_dot_on = on;
+  return bf16_dot_on;
+#else
+  (void)on;
+  return -1;
+#endif
+}

@@ -6,12 +6,18 @@ ops on every call (several float copies of the weight, written then read). Here:
 
     int8_linear(x, weight int8 [N, K], scales [N], bias)
     int4_linear(x, qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G], group_size, bias)
+    dense_linear(x, weight float32 | bf16 [N, K], bias)     (fast_linear.FastLinear: a bf16 model's decode GEMV;
+                                                              torch's own reads bf16 at half the float32 speed)
 
   * up to FAST_MAX_ROWS rows of x that need no gradient (decoding): matrix-vector kernels that read the packed
     codes once and never build the float weight; they compute in float32 (bfloat16 x and y are converted inside),
     where the reference rounds the weight to x's dtype first, so in bf16 the kernels are the more accurate;
   * more rows (a prefill) or an x that needs a gradient (Q-LoRA): the weight is dequantised by one parallel pass
     here, to the very bits the reference computes, and multiplied by torch (so the result equals the reference).
+
+  * with bfloat16 x, one row and int4 groups of a multiple of 64, on a CPU with AVX512-BF16: the codes become exact
+    bf16 values by a table lookup and vdpbf16ps adds their exact products with x in float32 (half the instructions
+    of converting codes to float; `bf16_dot(False)` turns it off).
 
 GPTQLinear runs int4_linear on its own words, read transposed (GPTQLinear.kernel_tensors says why that is exact).
 Both return y [..., N] in x's dtype, or None when they do not apply (off the CPU, an odd group size, no kernels
@@ -55,6 +61,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.cpp
     "qk_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT, _INT],
     "qk_int4": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _INT, _INT],
+    "qk_dense": [_P, _I64, _I64, _P, _INT, _P, _P, _I64, _INT, _INT],
     "qk_dequant_int8": [_P, _P, _P, _I64, _I64, _INT, _INT],
     "qk_dequant_int4": [_P, _P, _P, _I64, _P, _I64, _I64, _INT, _INT],
 }
@@ -105,6 +112,24 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     return y.to(x.dtype)
 
 
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x [..., K] @ weight.T + bias for a float32 or bfloat16 weight [N, K] by the decode kernel, or None where it
+    does not apply (many rows, a gradient, another dtype, no kernels): the caller then runs F.linear.
+
+    Sums are float32 in both cases, as in torch's matmul; only their order differs (tests/test_fast_decode.py)."""
+    n, k = weight.shape
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.requires_grad and torch.is_grad_enabled():
+        return None
+    if _path(x, k) != "matvec" or library() is None or not weight.is_contiguous():
+        return None
+    f32_bias = _f32(bias)
+    x2 = _rows(x, k)
+    y = torch.empty(*x.shape[:-1], n, dtype=x2.dtype)
+    _state["lib"].qk_dense(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), weight.dtype == torch.bfloat16,
+                           _ptr(f32_bias), y.data_ptr(), n, x2.dtype == torch.bfloat16, _threads())
+    return y.to(x.dtype)
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use, then loaded from the cache), or None if they cannot be had."""
     if "lib" not in _state:
@@ -119,6 +144,14 @@ def unavailable_reason() -> str | None:
     """Why the compiled kernels are off (None when they are on)."""
     library()
     return _state["why"]
+
+
+def bf16_dot(on: bool | None = None) -> bool | None:
+    """Whether one-row bf16 int4 decoding uses the AVX512-BF16 kernel; pass on=True/False to switch it. None when
+    the library was built without it (a CPU without avx512_bf16) or there is no library."""
+    lib = library()
+    state = -1 if lib is None else lib.qk_bf16_dot(-1 if on is None else int(on))
+    return None if state < 0 else bool(state)
 
 
 def lanes() -> int:
@@ -200,6 +233,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.qk_lanes.restype = ctypes.c_int
+    lib.qk_bf16_dot.argtypes, lib.qk_bf16_dot.restype = [ctypes.c_int], ctypes.c_int
     return lib, None
 
 
@@ -207,10 +241,20 @@ def isa_flags() -> tuple[int, list[str]]:
     """(float32 lanes, compiler flags) for the vector ISA torch detected on this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX512":
-        return 16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"]
+        bf16_dot = ["-mavx512bf16", "-DQK_BF16_DOT"] if "avx512_bf16" in _cpu_flags() else []
+        return 16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", *bf16_dot]
     if capability == "AVX2":
         return 8, ["-mavx2", "-mfma"]
     return 4, []
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def _build() -> Path:

@@ -144,6 +144,8 @@ class Qwen2VLConfig:
         mrope = text.pop("mrope_section")
         vision = dataclasses.asdict(self.vision)
         vision["in_chans"] = vision["in_channels"]
+        if float(vision["mlp_ratio"]).is_integer():
+            vision["mlp_ratio"] = int(vision["mlp_ratio"])     # the hub files' 4; transformers 5 refuses 4.0
         top = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("vision", "text")}
         return {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", **top, **text,
                 "rope_scaling": {"type": "mrope", "mrope_section": mrope}, "vision_config": vision}

@@ -7,7 +7,7 @@ and the cache's per-row count of real tokens (`KVCache.next_position`). A decode
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +59,11 @@ def generate_stream(
     generator: torch.Generator | None = None,
     kv_cache: KVCache | None = None,
     video_rule: str = "max_plus_one",
+    step: Callable[[Tensor, KVCache, Tensor], Tensor] | None = None,
 ) -> Iterator[Tensor]:
-    """Yield each step's new ids [B]; a finished row repeats its first eos id (or its last token)."""
+    """Yield each step's new ids [B]; a finished row repeats its first eos id (or its last token).
+
+    `step(next_ids, cache, rope_delta) -> logits` replaces `decode_step` (e.g. `qwen2_vl_fast.FastDecoder(m).step`)."""
     b, t = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     eos = _as_tuple(eos_token_id)
@@ -70,7 +73,7 @@ def generate_stream(
     logits, rope_delta = prefill(model, input_ids, mask, vision or VisionInputs(), cache, video_rule)
     done = torch.zeros(b, dtype=torch.bool)
     history: list[list[int]] = [[] for _ in range(b)]
-    for step in range(params.max_new_tokens):
+    for i_step in range(params.max_new_tokens):
         next_ids = sample(logits, params, seen, generator)                              # [B]
         if eos:
             next_ids = torch.where(done, torch.tensor(eos[0]), next_ids)
@@ -78,11 +81,11 @@ def generate_stream(
         for i, tok in enumerate(next_ids.tolist()):
             history[i].append(tok)
             done[i] |= tok in eos or ends_with_stop(history[i], params.stop_words_ids)
-        if bool(done.all()) or step == params.max_new_tokens - 1:
+        if bool(done.all()) or i_step == params.max_new_tokens - 1:
             return
         if seen is not None:
             seen[torch.arange(b), next_ids] = True
-        logits = decode_step(model, next_ids, cache, rope_delta)
+        logits = decode_step(model, next_ids, cache, rope_delta) if step is None else step(next_ids, cache, rope_delta)
 
 
 def generate(model: Qwen2VL, input_ids: Tensor, params: SamplingParams, **kwargs) -> Tensor:

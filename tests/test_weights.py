@@ -140,3 +140,27 @@ def test_presets_have_the_official_shapes():
         from qwenvl.model import QWenLMHeadModel
         n = sum(p.numel() for p in QWenLMHeadModel(cfg).parameters())
     assert 9.6e9 < n < 9.7e9, n
+
+
+def test_safetensors_reader_matches_safetensors_for_every_dtype(tmp_path):
+    from qwenvl.weights import iter_tensors
+
+    state = {"f32": torch.randn(3, 5), "bf16": torch.randn(4).bfloat16(), "f16": torch.randn(2, 2).half(),
+             "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([255], dtype=torch.uint8),
+             "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    read = dict(iter_tensors(path))
+    assert read.keys() == state.keys()
+    for key, tensor in state.items():
+        assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor), key
+
+
+def test_a_truncated_safetensors_file_is_a_checkpoint_error(tmp_path):
+    from qwenvl.weights import iter_tensors
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="ends inside tensor data"):
+        list(iter_tensors(path))

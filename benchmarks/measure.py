@@ -1,0 +1,100 @@
+"""What the benchmarks measure besides the models: read bandwidth, matmul peak, memory, the machine, weight bytes.
+
+Imported by bench_quant.py and bench_inference.py (run as scripts, so this folder is on sys.path).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwenvl.quantize import GPTQLinear
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed_call(fn):
+    """(fn(), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def stream_bandwidth() -> float:
+    """Read bandwidth in bytes/s: best of 5 sums of a 1 GiB float32 tensor (far larger than the caches)."""
+    t = torch.ones(2**28)
+    t.sum()
+    best = min(timed(t.sum) for _ in range(5))
+    del t
+    return 2**30 / best
+
+
+def matmul_peak(dtype: torch.dtype, m: int = 1024, k: int = 1280, n: int = 5120) -> float:
+    """FLOP/s of torch's matmul on a ViT-MLP-sized product [m, k] @ [k, n] (best of 5, after a warm-up)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    return 2 * m * k * n / min(timed(lambda: a @ b) for _ in range(5))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float:
+    """Total RAM of the machine in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def rss_gib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in GiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak RSS (VmHWM) back to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights read by one decode step: all LLM tensors, one embedding row, no vision tower (a tied
+    lm_head counts the whole table through the lm_head module)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.startswith(("visual", "transformer.visual", "model.visual")):
+            continue
+        if isinstance(module, nn.Embedding):
+            total += module.weight[0].nbytes
+        elif isinstance(module, GPTQLinear):     # the kernel reads float32 scales + uint8 zeros, not qzeros / g_idx
+            total += sum(t.nbytes for t in module.kernel_tensors())
+        else:
+            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            total += sum(t.nbytes for t in own)
+    return total
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (shared tensors once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total

@@ -1,0 +1,248 @@
+"""The fast inference paths against the reference paths (no timings: speed lives in benchmarks/bench_inference.py).
+
+* `quant_kernels.dense_linear` (bf16 / fp32 decode GEMV) vs F.linear. float32: the same float32 products summed
+  in another order, within 1e-5 of the output's scale. bfloat16: the kernel's float32 result rounded once, so it is
+  compared with the float32 product rounded to bf16, within one bf16 step (2^-7 relative).
+* `fused_projections`: the reference forward is bit-identical after fusing (same values, now views); the fused
+  module equals the concatenated projections; loading and saving keep working.
+* `FastLinear` on Qwen-VL (v1) in bf16: greedy tokens identical to nn.Linear's over 12 steps, logits within 2e-2.
+* `qwen2_vl_fast.FastDecoder.step` vs `qwen2_vl_generation.decode_step` on a tiny random Qwen2-VL (with an image, and
+  a left-padded batch): logits within 1e-5 of their scale in float32 (2e-2 in bf16 / int8 / int4, where both
+  paths round activations to bf16 but not at the same points), greedy tokens identical over 12 steps in every mode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qwen2_vl_tiny import hf_config_dict, prompt, random_image
+from tiny_checkpoint import tiny_config
+from torch import nn
+
+from qwenvl import quant_kernels
+from qwenvl.fast_linear import FastLinear, use_fast_linears
+from qwenvl.fused_projections import fuse_projections
+from qwenvl.generation import generate as v1_generate
+from qwenvl.generation import left_pad
+from qwenvl.model import QWenLMHeadModel
+from qwenvl.processor import preprocess_images
+from qwenvl.quantize import quantize_model
+from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
+from qwenvl.qwen2_vl_config import Qwen2VLConfig
+from qwenvl.qwen2_vl_fast import FastDecoder
+from qwenvl.qwen2_vl_generation import VisionInputs, decode_step, generate, prefill
+from qwenvl.qwen2_vl_weights import load_model, save_checkpoint
+from qwenvl.sampling import SamplingParams
+
+MODES = ("fp32", "bf16", "int8", "int4")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if quant_kernels.library() is None:
+        pytest.skip(f"compiled kernels unavailable: {quant_kernels.unavailable_reason()}")
+
+
+def tiny(mode: str = "fp32", seed: int = 0) -> Qwen2VL:
+    """A tiny random Qwen2-VL with weights wide enough for clear-cut greedy choices (as the parity tests)."""
+    model = Qwen2VL(Qwen2VLConfig.from_dict(hf_config_dict())).eval().requires_grad_(False)
+    model.init_weights(torch.Generator().manual_seed(seed), std=0.08)
+    if mode == "int8":
+        quantize_model(model, 8, lm_head=True)
+    if mode == "int4":
+        quantize_model(model, 4, group_size=32, lm_head=True)
+    if mode != "fp32":
+        model.to(torch.bfloat16)         # float tensors only: int8 / int4 codes stay as they are
+    if mode == "bf16":
+        use_fast_linears(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ dense GEMV kernel
+
+@pytest.mark.parametrize("n, k, rows, bias", [(37, 203, 1, True), (64, 256, 3, False), (19, 1000, 16, True),
+                                              (200, 64, 5, True)])
+def test_dense_kernel_float32(n, k, rows, bias):
+    torch.manual_seed(n + k)
+    w, x, b = torch.randn(n, k), torch.randn(rows, k), torch.randn(n) if bias else None
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(quant_kernels.dense_linear(x, w, b), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("n, k, rows", [(37, 203, 1), (64, 256, 4), (19, 1000, 7)])
+def test_dense_kernel_bfloat16_is_the_float32_result_rounded(n, k, rows):
+    torch.manual_seed(n * k)
+    w, x, b = torch.randn(n, k).bfloat16(), torch.randn(rows, k).bfloat16(), torch.randn(n).bfloat16()
+    y = quant_kernels.dense_linear(x, w, b)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-6)
+
+
+def test_dense_kernel_declines_prefills_and_gradients():
+    w = torch.randn(8, 32).bfloat16()
+    assert quant_kernels.dense_linear(torch.randn(17, 32).bfloat16(), w, None) is None   # > FAST_MAX_ROWS
+    x = torch.randn(1, 32).bfloat16().requires_grad_()
+    assert quant_kernels.dense_linear(x, w, None) is None
+    lin = FastLinear(nn.Linear(32, 8).bfloat16())
+    assert torch.equal(lin(torch.ones(17, 32).bfloat16()), F.linear(torch.ones(17, 32).bfloat16(), lin.weight, lin.bias))
+
+
+def test_fast_linears_keep_keys_and_tied_head():
+    model = tiny("fp32")
+    keys = list(model.state_dict())
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    use_fast_linears(model)
+    assert list(model.state_dict()) == keys
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------------------------------ fused projections
+
+def _logits(model: Qwen2VL) -> torch.Tensor:
+    patches, grid = preprocess_images([random_image(100, 150, 0)])
+    ids = torch.tensor([prompt(4, ("image", 20), 7)])
+    return model(ids, pixel_patches=patches, image_grid_thw=grid)
+
+
+def test_fusing_leaves_the_reference_forward_bit_identical():
+    model = tiny("fp32")
+    before = _logits(model)
+    fused = fuse_projections(model)
+    assert torch.equal(_logits(model), before)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fused[0]["qkv"](x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fused[0]["qkv"].weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_loading_after_fusing_updates_the_fused_weights(assign):
+    model, other = tiny("fp32", seed=0), tiny("fp32", seed=1)
+    fused = fuse_projections(model)
+    model.load_state_dict(other.state_dict(), assign=assign)
+    mlp = other.model.layers[1].mlp
+    assert torch.equal(fused[1]["gate_up"].weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert torch.equal(_logits(model), _logits(other))
+
+
+def test_a_fused_model_saves_and_loads(tmp_path):
+    model = tiny("fp32")
+    fuse_projections(model)
+    save_checkpoint(model, tmp_path)
+    assert torch.equal(_logits(load_model(tmp_path, dtype=torch.float32)), _logits(model))
+
+
+# ------------------------------------------------------------------------------------------ fast decode step
+
+def _prompt_batch():
+    patches, grid = preprocess_images([random_image(100, 150, 0)])
+    rows = [prompt(4, ("image", 20), 7), prompt(9)]
+    ids, mask = left_pad(rows, pad_id=0)
+    return ids, mask, VisionInputs(pixel_patches=patches, image_grid_thw=grid)
+
+
+def _decode_logits(model: Qwen2VL, step, n: int = 4) -> list[torch.Tensor]:
+    """Logits of n decode steps after the prompt batch, feeding the reference path's greedy tokens."""
+    ids, mask, vision = _prompt_batch()
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = new_kv_cache(model.config, 2, ids.shape[1] + n + 1, dtype)
+    with torch.no_grad():
+        logits, delta = prefill(model, ids, mask, vision, cache)
+        out = []
+        for _ in range(n):
+            logits = step(logits.argmax(-1), cache, delta)
+            out.append(logits.float())
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_step_logits_match_decode_step(mode):
+    model = tiny(mode)
+    ref = _decode_logits(model, lambda t, c, d: decode_step(model, t, c, d))
+    fast = _decode_logits(model, FastDecoder(model).step)
+    tol = 1e-5 if mode == "fp32" else 2e-2
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, rtol=0, atol=tol * a.abs().max().item())
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_generation_gives_the_same_greedy_tokens(mode):
+    model = tiny(mode)
+    ids, mask, vision = _prompt_batch()
+    params = SamplingParams(max_new_tokens=12, do_sample=False)
+    ref = generate(model, ids, params, attention_mask=mask, vision=vision)
+    fast = generate(model, ids, params, attention_mask=mask, vision=vision, step=FastDecoder(model).step)
+    assert torch.equal(ref, fast)
+
+
+def test_batch_of_one_takes_the_unmasked_path_and_matches():
+    model = tiny("fp32")
+    ids = torch.tensor([prompt(4, ("image", 20), 7)])
+    patches, grid = preprocess_images([random_image(100, 150, 0)])
+    vision = VisionInputs(pixel_patches=patches, image_grid_thw=grid)
+    params = SamplingParams(max_new_tokens=12, do_sample=False)
+    assert torch.equal(generate(model, ids, params, vision=vision),
+                       generate(model, ids, params, vision=vision, step=FastDecoder(model).step))
+
+
+def test_fast_linears_on_qwen_vl_give_the_same_greedy_tokens():
+    torch.manual_seed(0)
+    ref = QWenLMHeadModel(tiny_config(layers=2)).eval().requires_grad_(False)
+    ref.init_weights(torch.Generator().manual_seed(0), std=0.08)
+    ref.to(torch.bfloat16)
+    fast = QWenLMHeadModel(tiny_config(layers=2)).eval().requires_grad_(False).to(torch.bfloat16)
+    fast.load_state_dict(ref.state_dict())
+    assert use_fast_linears(fast) == 2 * 5 + 1
+    ids = torch.randint(0, 150000, (1, 9), generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(max_new_tokens=12, do_sample=False)
+    assert torch.equal(v1_generate(ref, ids, params), v1_generate(fast, ids, params))
+    with torch.no_grad():
+        a, b = ref(ids[:, :1]).float(), fast(ids[:, :1]).float()        # one row: the decode kernel runs
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_rms_norm_is_bit_identical(dtype):
+    from qwenvl.qwen2_vl_fast import rms_norm
+    from qwenvl.text import RMSNorm
+
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 2, 96).to(dtype)
+    assert torch.equal(rms_norm(norm, x), norm(x))
+
+
+@pytest.mark.parametrize("in_f, out_f, group", [(256, 37, 64), (1536, 200, 128), (384, 9, 128)])
+def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
+    from qwenvl.quantize import Int4Linear
+
+    if quant_kernels.bf16_dot() is None:
+        pytest.skip("built without AVX512-BF16")
+    torch.manual_seed(in_f + out_f)
+    lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=False)
+    x = torch.randn(1, in_f).bfloat16()
+    ref = lin.reference_forward(x.float())                       # float32 weights and sums
+    try:
+        outs = {on: (quant_kernels.bf16_dot(on), lin(x))[1] for on in (True, False)}
+    finally:
+        quant_kernels.bf16_dot(True)
+    for y in outs.values():
+        torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_rotary_is_bit_identical(dtype):
+    from qwenvl.qwen2_vl_fast import FastDecoder, rotate
+    from qwenvl.text import apply_rope
+
+    decoder = FastDecoder(tiny("fp32"))
+    position = torch.tensor([0, 7, 1000])
+    cos, signed_sin = decoder._rope(position)
+    angles = position.float()[:, None] * decoder.inv_freq
+    emb = torch.cat([angles, angles], -1)[:, None, None]
+    x = torch.randn(3, 6, 1, decoder.head_dim).to(dtype)
+    assert torch.equal(rotate(x, cos, signed_sin), apply_rope(x, emb.cos(), emb.sin()))
