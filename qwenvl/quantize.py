@@ -264,6 +264,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 128, sym: bool
     if bits == 8:
         swap_linears(model, Int8Linear.from_linear, lm_head)
     elif bits == 4:
+        check_group_size(model, group_size, lm_head)
         swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size, sym), lm_head)
     else:
         raise ValueError(f"{bits=}: choose 8 or 4")
@@ -272,6 +273,22 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 128, sym: bool
         scheme["lm_head"] = True
     model.config.quantization_config = scheme
     return scheme
+
+
+def check_group_size(model: nn.Module, group_size: int, lm_head: bool = False) -> None:
+    """Raise (before anything is swapped) unless `group_size` divides the input width of every linear to quantize.
+
+    e.g. the demo model's c_proj reads 704 inputs: group 128 is refused with "use --group-size 64"."""
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"int4 group size {group_size}: use an even number (the official checkpoints use 128)")
+    widths = set()
+    swap_linears(model, lambda lin: widths.add(lin.in_features) or lin, lm_head)
+    bad = sorted(w for w in widths if w % group_size)
+    if bad:
+        fits = [g for g in (128, 64, 32, 16) if g <= max(group_size, 16) and all(w % g == 0 for w in widths)]
+        hint = f"use --group-size {fits[0]}" if fits else "no group size of 16-128 divides them all"
+        raise ValueError(f"int4 group size {group_size} does not divide the input widths {bad or sorted(widths)} of "
+                         f"this model's linears: {hint}")
 
 
 def quantized_swap(model: nn.Module, quantization_config: dict) -> None:

@@ -101,3 +101,17 @@ def test_qwen2_vl_decoder_linears_are_swapped_too():
         quantized = model(ids)
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1
     assert _cosine(quantized, ref) >= 0.999
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_with_a_hint_and_nothing_swapped(tmp_path, capsys):
+    model = load_model(FLOAT, "float32")
+    widths = {m.in_features for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
+    group = 2 * max(widths)                                          # divides none of them
+    with pytest.raises(ValueError, match=f"group size {group} does not divide .* use --group-size 128"):
+        quantize_model(model, 4, group)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    with pytest.raises(ValueError, match="even"):
+        quantize_model(model, 4, 0)
+    assert main(["quantize", "--model", str(FLOAT), "--bits", "4", "--group-size", str(group),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "use --group-size" in capsys.readouterr().err
