@@ -3,6 +3,7 @@
     .venv/bin/python scripts/train_demo.py                    # the whole recipe into runs/demo (resumable)
     .venv/bin/python scripts/train_demo.py --smoke --out /tmp/smoke   # a few steps of every stage (tests)
     .venv/bin/python scripts/train_demo.py --export qwenvl/assets/demo_model   # also write the artefact
+    .venv/bin/python scripts/train_demo.py --only eval --export DIR   # evaluate + export the last finished stage
 
 Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its folder):
   vit_pretrain  the ViT alone on dense per-patch labels     (the paper starts from a pretrained CLIP ViT)
@@ -85,11 +86,12 @@ class Stage:
 FULL = {
     "lm_pretrain": Stage("lm_pretrain", 600, 32, 2e-3, 60),
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
-    "stage1": Stage("stage1", 150, 32, 3e-4, 20, resolution=112),
-    "stage2_warmup": Stage("stage2_warmup", 400, 16, 3e-4, 20),
-    "stage2_easy": Stage("stage2_easy", 900, 24, 3e-4, 50),
-    "stage2": Stage("stage2", 1500, 24, 2e-4, 50),
-    "stage3": Stage("stage3", 600, 16, 1e-4, 30),
+    "stage1": Stage("stage1", 100, 32, 5e-5, 10, resolution=112),
+    "stage2_read": Stage("stage2_read", 300, 16, 3e-4, 20),
+    "stage2_warmup": Stage("stage2_warmup", 450, 16, 3e-4, 20),
+    "stage2_easy": Stage("stage2_easy", 1000, 24, 3e-4, 50),
+    "stage2": Stage("stage2", 1200, 24, 2e-4, 50),
+    "stage3": Stage("stage3", 500, 16, 1e-4, 30),
 }
 SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
 STAGES = SMOKE if args.smoke else FULL
@@ -329,9 +331,14 @@ def assemble_visual() -> None:
     rng = random.Random(f"{args.seed}-adapter-init")
     spec = SceneSpec().replace(**STAGE_SPECS["stage2"])
     images = pixels([render_scene(sample_scene(rng, spec)) for _ in range(64)], 224)
-    word_norm = model.transformer.wte.weight[:n_ranks].norm(dim=-1).mean().item()
-    stats = init_adapter_from_data(model.transformer.visual, images, 2 * word_norm, torch.Generator().manual_seed(args.seed + 2))
-    log(f"adapter whitened on 64 images: {stats}")
+    # Features of norm sqrt(C) (proj ~ orthonormal, elements ~0.06). Scaled to the word embeddings (0.38)
+    # instead, proj's elements are ~0.003 and Adam's absolute steps of ~lr rewrite it within a few dozen
+    # steps: the features collapsed to one constant vector (spread across images 0.048 -> 0.006 in 100
+    # steps at lr 5e-5) and colour answers stayed at chance; at sqrt(C), 0.375 after 100 steps (measured).
+    feature_norm = config.hidden_size ** 0.5
+    stats = init_adapter_from_data(model.transformer.visual, images, feature_norm, torch.Generator().manual_seed(args.seed + 2),
+                                   local_sharpness=4.0)
+    log(f"adapter whitened on 64 images, local attention: {stats}")
 
 
 def stage_batch(chatml: bool):
@@ -340,17 +347,43 @@ def stage_batch(chatml: bool):
     return make
 
 
-def image_use_check(name: str) -> dict:
-    """Loss on held-out samples with their real images vs blank ones: the model must use the image."""
-    rng = random.Random(f"{args.seed}-check")
-    batch = vl_batch(sample_mix(rng, "stage2", 32), 224, chatml=False)
-    with torch.no_grad():
-        real = vl_loss(batch).item()
-        if batch["images"] is not None:
-            batch["images"] = torch.zeros_like(batch["images"])
-        blank = vl_loss(batch).item()
-    result = {"loss_real_images": round(real, 4), "loss_blank_images": round(blank, 4)}
-    log(f"{name}: image-use check {result}")
+PROBE_TASKS = [("vqa_colour", "en"), ("vqa_shape", "en"), ("vqa_count", "en"), ("vqa_position", "en"),
+               ("vqa_yesno", "en"), ("vqa_colour", "zh"), ("grounding", "en"), ("grounding", "zh"), ("ocr", "en"),
+               ("caption", "en"), ("multi_image", "en")]
+
+
+def _answer_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] 1.0 where the argmax at every supervised position is the label (teacher forcing)."""
+    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    return ((pred == target) | (target == IGNORE_INDEX)).all(-1).float()
+
+
+@torch.no_grad()
+def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
+    """Per task: share of held-out samples (scenes like the stage's own) whose whole answer is predicted
+    (teacher-forced) with the real images and with blank ones. Real above blank is the image being used; minutes per check, not hours."""
+    model.eval()
+    result = {}
+    for task, lang in PROBE_TASKS:
+        rng, spec = random.Random(f"{args.seed}-probe-{task}-{lang}"), SceneSpec().replace(**STAGE_SPECS[name])
+        try:
+            batch = vl_batch([make_sample(rng, task, lang, spec, heldout=True) for _ in range(n)], 224,
+                             chatml=name == "stage3")
+        except RuntimeError:                    # e.g. OCR on a stage's scenes without text
+            continue
+        scores = []
+        for images in (batch["images"], torch.zeros_like(batch["images"])):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(batch["input_ids"], images=images, attention_mask=batch["attention_mask"])
+            scores.append(round(_answer_exact(logits, batch["labels"]).mean().item(), 3))
+        result[f"{task}_{lang}"] = {"real": scores[0], "blank": scores[1]}
+    model.train()
+    log(f"{name}: probe (teacher-forced exact answer, real / blank images) "
+        + ", ".join(f"{k} {v['real']}/{v['blank']}" for k, v in result.items()))
+    path = OUT / "probes.json"
+    probes = json.loads(path.read_text()) if path.is_file() else {}
+    probes[name] = result
+    path.write_text(json.dumps(probes, indent=1))
     return result
 
 
@@ -358,20 +391,34 @@ if wanted("stage1"):
     assemble_visual()
     set_trainable(model, vit=True, adapter=True, llm=False)
     run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss)
-    image_use_check("stage1")
+    probe("stage1")
 
 if wanted("stage2"):
     set_trainable(model, vit=True, adapter=True, llm=True)
+    run_stage(STAGES["stage2_read"], model, stage_batch(chatml=False), vl_loss)
+    probe("stage2_read")
     run_stage(STAGES["stage2_warmup"], model, stage_batch(chatml=False), vl_loss)
-    image_use_check("stage2_warmup")
+    probe("stage2_warmup")
     run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss)
-    image_use_check("stage2_easy")
+    probe("stage2_easy")
     run_stage(STAGES["stage2"], model, stage_batch(chatml=False), vl_loss)
-    image_use_check("stage2")
+    probe("stage2")
 
 if wanted("stage3"):
     set_trainable(model, vit=False, adapter=True, llm=True)
     run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss)
+    probe("stage3")
+
+
+# --------------------------------------------------------------------------- weights for eval / export
+MODEL_STAGES = ["lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_easy", "stage2", "stage3"]
+if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "stage2", "stage3")):
+    # e.g. `--only eval`: no stage ran, so evaluate and export the last finished one (a stopped run's best so far).
+    finished = [name for name in MODEL_STAGES if (OUT / name / "DONE").is_file()]
+    if not finished:
+        sys.exit(f"{OUT}: no finished stage to evaluate or export")
+    model.load_state_dict(torch.load(OUT / finished[-1] / "model.pt", weights_only=True))
+    log(f"loaded {finished[-1]}, the last finished stage")
 
 
 # --------------------------------------------------------------------------- quick held-out check

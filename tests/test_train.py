@@ -99,7 +99,7 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
            "--export", str(tmp_path / "model")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_warmup", "stage2_easy", "stage2", "stage3")
+    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_easy", "stage2", "stage3")
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -108,3 +108,9 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     tok = QWenTokenizer.from_pretrained(tmp_path / "model")
     assert model.config.vocab_size >= tok.n_vocab
     assert model.config.visual.image_start_id == tok.img_start_id
+    # `--only eval --export`: nothing trains; the last finished stage (stage3) is what is exported.
+    cmd_export = cmd[:5] + ["--only", "eval", "--export", str(tmp_path / "model2")]
+    third = subprocess.run(cmd_export, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "loaded stage3" in third.stdout, third.stderr[-2000:]
+    again_model = load_model(tmp_path / "model2")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again_model.state_dict().values()))
