@@ -207,10 +207,15 @@ def save_checkpoint(model: QWenLMHeadModel, out_dir: str | Path, generation_conf
 
 
 def atomic_write(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader sees the old file or
+    the whole new one. The file gets the permissions of an ordinary new file (mkstemp's are owner-only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,6 +1,7 @@
 """Checkpoint loading: every supported layout gives the same model; bad checkpoints are refused by name."""
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -164,3 +165,15 @@ def test_a_truncated_safetensors_file_is_a_checkpoint_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="ends inside tensor data"):
         list(iter_tensors(path))
+
+
+def test_atomic_write_leaves_an_ordinary_readable_file_and_no_temporary(tmp_path):
+    from qwenvl.weights import atomic_write
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "config.json", lambda p: p.write_text("{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "config.json").read_text() == "{}"
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644      # mkstemp alone gives 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
