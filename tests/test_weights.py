@@ -1,8 +1,8 @@
 """Checkpoint loading: every supported layout gives the same model; bad checkpoints are refused by name."""
 from __future__ import annotations
 
-import os
 import json
+import os
 import shutil
 from pathlib import Path
 
