@@ -46,7 +46,7 @@ from qwenvl.adapter_init import init_adapter_from_data
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
 from qwenvl.generation import generate, left_pad
-from qwenvl.grounding import parse_boxes
+from qwenvl.evaluation.refcoco import grounding_iou
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
@@ -428,22 +428,12 @@ EVAL_TASKS = [("vqa_" + k, lang) for k in ("colour", "shape", "count", "position
 
 
 def score(sample: Sample, answer: str) -> float:
-    """1 for a right answer: IoU >= 0.5 for grounding (pixels), else normalised exact match."""
+    """1 for a right answer: IoU >= 0.5 for grounding (pixels; the world's boxes are /1000), else normalised
+    exact match."""
     if sample.task == "grounding":
-        boxes = parse_boxes(answer if "<box>" in answer else "<box>" + answer)
-        if not boxes:
-            return 0.0
         w, h = sample.fields["width"], sample.fields["height"]
-        b = boxes[0]
-        pred = (b.x1 * w / 1000, b.y1 * h / 1000, b.x2 * w / 1000, b.y2 * h / 1000)
-        return float(_iou(pred, sample.fields["bbox"]) >= 0.5)
+        return float(grounding_iou(answer, sample.fields["bbox"], w, h, scale=1000) >= 0.5)
     return float(answer.strip().strip(".。").lower() == str(sample.fields["answer"]).strip().lower())
-
-
-def _iou(a, b) -> float:
-    ix, iy = max(0, min(a[2], b[2]) - max(a[0], b[0])), max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
 
 
 @torch.no_grad()
