@@ -46,19 +46,26 @@ as it did in stage 1 at 112 px; the resampler keeps its 64 queries.
 Quantization (`--quant`): the LLM block linears are swapped in memory by `qwenvl.quantize.quantize_model`, the
 code behind `qwenvl quantize` (int8 per output channel; int4 group-wise and symmetric); the ViT, adapter and
 lm_head stay float. The int4 group size is `qwenvl quantize`'s 128 where it divides every LLM linear's input
-size; the demo model's MLP c_proj has 704 = 11 x 64 inputs, so it gets 64 (recorded in summary.json).
+size; the demo model's MLP c_proj has 704 = 11 x 64 inputs, so it gets 64 (recorded in summary.json and stated
+above the table). A --group-size that does not divide them is refused before anything runs.
 
 Output (OUT):
     data/                                  the eval sets (+ data/sets.json: seed and n)
     runs/<mode>/<quant>/<set>@<px>/        one `qwenvl eval` folder: predictions, summary.json, official files
-    summary.json                           every number with n, seed, mode, model
-    table.md                               the Markdown table (also printed)
+    summary.json                           every number with n, seed, mode, model, int4 group size, and the
+                                           wall / CPU minutes per quantization (per set in "results")
+    table.md                               the Markdown table (also printed): one row per (task, language),
+                                           its metric, a column per quantization, the drop vs float in points
+
+A run folder's run.json binds its settings only once a prediction is logged, so a run whose model failed to
+load can be rerun with other arguments into the same OUT.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -82,6 +89,7 @@ from qwenvl.weights import load_config, load_model
 EVAL_SEED = 1234
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 COLUMN = {"none": "float", "int8": "int8", "int4": "int4"}
+EN_CAPTION_PROMPT = "Describe the image in English:"  # the official prompt, as evaluation.datasets.read_caption asks
 ZH_CAPTION_PROMPT = "用中文描述这张图片："          # synthetic_tasks.CAPTION_PROMPTS["zh"][0]
 JAVA_MISSING = "CIDEr skipped: `java` is not on PATH (pycocoevalcap's PTB tokenizer and METEOR need a JRE, " \
                "e.g. apt-get install default-jre-headless)"
@@ -149,9 +157,8 @@ class Models:
     """Loads the checkpoint once per quantization, on first use (a finished run needs no model)."""
 
     def __init__(self, model_dir: Path, group_size: int | None):
-        self.model_dir, self.loaded = model_dir, {}
+        self.model_dir, self.loaded, self.group_size = model_dir, {}, group_size    # group_size: int4 only
         self.tokenizer = QWenTokenizer.from_pretrained(model_dir)
-        self.group_size = group_size or int4_group_size(model_dir)
 
     def get(self, quant: str):
         if quant not in self.loaded:
@@ -170,12 +177,19 @@ class Models:
                                           "sym": True, "lm_head": False}
 
 
-def int4_group_size(model_dir: Path) -> int:
+def int4_group_size(model_dir: Path, requested: int | None = None) -> int:
     """128 (the `qwenvl quantize` default) when it divides the input size of every LLM linear, else the largest
-    of 64, 32 that does. The demo model's MLP c_proj takes 704 = 11 x 64 inputs, so it gets 64."""
+    of 64, 32 that does. The demo model's MLP c_proj takes 704 = 11 x 64 inputs, so it gets 64. A `requested`
+    size is checked here, before any run, rather than by `quantize_model` after the float runs."""
     with torch.device("meta"):                                     # shapes only, no weights read
         model = QWenLMHeadModel(load_config(model_dir))
     sizes = {m.in_features for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
+    if requested is not None:
+        if requested < 2 or requested % 2 or any(size % requested for size in sizes):
+            fits = [g for g in (128, 64, 32, 16) if all(size % g == 0 for size in sizes)]
+            raise SystemExit(f"error: --group-size {requested} does not divide the LLM linears' input sizes "
+                             f"{sorted(sizes)}" + (f"; use --group-size {fits[0]}" if fits else ""))
+        return requested
     for group in (128, 64, 32):
         if all(size % group == 0 for size in sizes):
             if group != 128:
@@ -220,9 +234,15 @@ def read_set(s: EvalSet, path: Path, chat: bool, n: int) -> tuple[tasks.Task, li
     if s.task == "caption":
         task = dataclasses.replace(task, score=caption_score(s.lang))
         if s.lang == "zh":
-            samples = [dataclasses.replace(x, prompt=x.prompt.replace("Describe the image in English:",
-                                                                      ZH_CAPTION_PROMPT)) for x in samples]
+            samples = [zh_caption_prompt(x) for x in samples]
     return task, samples
+
+
+def zh_caption_prompt(sample: Sample) -> Sample:
+    """The sample asked ZH_CAPTION_PROMPT where `read_caption` asks the official English one."""
+    if EN_CAPTION_PROMPT not in sample.prompt:
+        raise ValueError(f"caption sample {sample.id}: no {EN_CAPTION_PROMPT!r} in {sample.prompt!r} to replace")
+    return dataclasses.replace(sample, prompt=sample.prompt.replace(EN_CAPTION_PROMPT, ZH_CAPTION_PROMPT))
 
 
 def headline(s: EvalSet, metrics: dict) -> float | None:
@@ -261,7 +281,7 @@ def run_one(s: EvalSet, quant: str, size: int, args, models: Models, native: int
         rows.append((" corrected", task.score(corrected, samples, runner.load_predictions(out_dir))))
     out = []
     for variant, metrics in rows:
-        out.append({"set": s.name, "family": s.family, "lang": s.lang, "task": task.name,
+        out.append({"set": s.name, "family": s.family, "lang": s.lang, "task": task.name, "variant": variant.strip(),
                     "metric": s.metric + variant, "quant": quant, "image_size": size, "value": headline(s, metrics),
                     "n": len(samples), "metrics": _small(metrics), "out": str(out_dir)})
     return out
@@ -273,10 +293,10 @@ def _small(metrics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the table
-def row_label(r: dict, native: int) -> str:
-    family = r["family"].replace("_", "-")
+def row_cells(r: dict, native: int) -> tuple[str, str]:
+    """(task, language) cells, e.g. ("multi-image", "zh"), ("ocr", "en @ 112 px"): one table row each."""
     px = "" if r["image_size"] == native else f" @ {r['image_size']} px"
-    return f"{family} {r['lang']}{px} | {r['metric']}"
+    return r["family"].replace("_", "-"), r["lang"] + px
 
 
 def fmt(v: float | None) -> str:
@@ -284,25 +304,54 @@ def fmt(v: float | None) -> str:
 
 
 def make_table(results: list[dict], quants: list[str], native: int) -> tuple[str, dict]:
-    """Markdown rows = set/metric (+ resolution rows), columns = quantizations; and the drops vs float."""
-    table: dict[str, dict[str, float | None]] = {}
+    """Markdown: one row per (task, language[, size]) with its metric, a column per quantization, then the drop
+    of each quantization vs float (float - quantized, points). VQA's --corrected scores go in a note below.
+
+    Returns the text and {"rows": {label: {"metric", "float", "int8", ..., "drop int8", ...}}, "drops": {...}}."""
+    table: dict[str, dict] = {}
+    corrected: dict[str, dict[str, float | None]] = {}
     for r in results:
-        table.setdefault(row_label(r, native), {})[COLUMN[r["quant"]]] = r["value"]
+        task, lang = row_cells(r, native)
+        label = f"{task} {lang}"
+        if r.get("variant"):
+            corrected.setdefault(label, {})[COLUMN[r["quant"]]] = r["value"]
+        else:
+            row = table.setdefault(label, {"task": task, "lang": lang, "metric": r["metric"]})
+            row[COLUMN[r["quant"]]] = r["value"]
     cols = [COLUMN[q] for q in quants]
-    lines = ["| set | metric | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
-    lines += [f"| {label} | " + " | ".join(fmt(vals.get(c)) for c in cols) + " |" for label, vals in table.items()]
+    drop_cols = [c for c in cols if c != "float"] if "float" in cols else []
+    for vals in table.values():
+        for c in drop_cols:
+            both = vals.get("float") is not None and vals.get(c) is not None
+            vals[f"drop {c}"] = round(vals["float"] - vals[c], 2) if both else None
+    heads = ["task", "lang", "metric", *cols, *(f"{c} drop" for c in drop_cols)]
+    lines = ["| " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * (len(heads) - 3)]
+    for vals in table.values():
+        cells = [vals["task"], vals["lang"], vals["metric"], *(fmt(vals.get(c)) for c in cols),
+                 *(fmt(vals[f"drop {c}"]) for c in drop_cols)]
+        lines.append("| " + " | ".join(cells) + " |")
     drops = {}
-    for c in cols:
-        if c == "float" or "float" not in cols:
-            continue
-        per_row = {k: v["float"] - v[c] for k, v in table.items() if v.get(c) is not None and v.get("float") is not None}
+    for c in drop_cols:
+        per_row = {k: v[f"drop {c}"] for k, v in table.items() if v[f"drop {c}"] is not None}
         if per_row:
             worst = max(per_row, key=per_row.get)
-            drops[c] = {"max_drop": round(per_row[worst], 2), "row": worst,
+            drops[c] = {"max_drop": per_row[worst], "row": worst,
                         "mean_drop": round(sum(per_row.values()) / len(per_row), 2), "per_row": per_row}
-            lines.append(f"\n{c}: largest drop vs float {per_row[worst]:.1f} points ({worst.replace(' | ', ', ')}); "
+            lines.append(f"\n{c}: largest drop vs float {per_row[worst]:.1f} points ({worst}); "
                          f"mean drop {drops[c]['mean_drop']:.1f}")
-    return "\n".join(lines) + "\n", {"rows": table, "drops": drops}
+    for label, vals in corrected.items():
+        lines.append(f"\n{label}, VQA acc. with --corrected answers: "
+                     + ", ".join(f"{c} {fmt(vals.get(c))}" for c in cols))
+    return "\n".join(lines) + "\n", {"rows": table, "corrected": corrected, "drops": drops}
+
+
+def quant_note(quants: list[str], group_size: int | None) -> str:
+    """What int8 / int4 mean in this table (group size included), or "" for float alone."""
+    parts = {"int8": "int8 per output channel",
+             "int4": f"int4 symmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size {group_size}`)"}
+    said = [parts[q] for q in quants if q in parts]
+    return ("Quantized: " + "; ".join(said) + "; LLM block linears only (ViT, adapter, lm_head float).\n\n"
+            if said else "")
 
 
 # --------------------------------------------------------------------------- main
@@ -334,12 +383,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the JVMs of caption scoring): on a busy machine
+    this, not the wall time, tells how long a run takes on free cores."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    group = int4_group_size(args.model, args.group_size) if "int4" in args.quant else None
+    t_data = time.monotonic()
     ensure_data(args.out / "data", args.seed, args.n)
-    models = Models(args.model, args.group_size)
+    data_minutes = (time.monotonic() - t_data) / 60
+    models = Models(args.model, group)
     native = json.loads((args.model / "config.json").read_text())["visual"]["image_size"]
     sets = [s for s in SETS if not args.sets or s.name in args.sets]
     jobs = [(q, s, native) for q in args.quant for s in sets]
@@ -348,20 +407,30 @@ def main(argv: list[str] | None = None) -> dict:
     if not java_ok() and any(s.task == "caption" for _, s, _ in jobs):
         print(f"note: {JAVA_MISSING}", file=sys.stderr)
     results, t0 = [], time.monotonic()
+    minutes = {q: {"wall": 0.0, "cpu": 0.0} for q in args.quant}     # this invocation's (a resumed run costs less)
     for k, (quant, s, px) in enumerate(jobs, start=1):
         print(f"[{k}/{len(jobs)}] {s.name} {COLUMN[quant]} {px} px ({(time.monotonic() - t0) / 60:.1f} min so far)",
               file=sys.stderr, flush=True)
+        wall, cpu = time.monotonic(), cpu_seconds()                # a mode's first job includes its model load
         try:
-            results += run_one(s, quant, px, args, models, native)
+            rows = run_one(s, quant, px, args, models, native)
         except (DataError, ValueError) as e:                   # e.g. a run folder made under other settings
             raise SystemExit(f"error: {e}") from None
+        wall, cpu = time.monotonic() - wall, cpu_seconds() - cpu
+        minutes[quant]["wall"] += wall / 60
+        minutes[quant]["cpu"] += cpu / 60
+        results += [{**r, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)} for r in rows]
     table, extra = make_table(results, args.quant, native)
     header = (f"{args.model} on the held-out synthetic sets (seed {args.seed}, n = {args.n} per set, {args.mode} "
-              f"prompts, greedy; points 0-100, CIDEr x 100)\n\n")
+              f"prompts, greedy; points 0-100, CIDEr x 100; drop = float - quantized, in points)\n\n"
+              + quant_note(args.quant, group))
     summary = {"model": str(args.model.resolve()), "seed": args.seed, "n": args.n, "mode": args.mode,
-               "quant": {q: models.scheme(q) for q in args.quant}, "native_image_size": native,
-               "resolutions": args.resolutions, "java": java_ok(), "results": results, **extra,
-               "minutes": round((time.monotonic() - t0) / 60, 2)}
+               "int4_group_size": group, "quant": {q: models.scheme(q) for q in args.quant},
+               "native_image_size": native, "resolutions": args.resolutions, "java": java_ok(),
+               "threads": torch.get_num_threads(), "results": results, **extra,
+               "wall_minutes": {COLUMN[q]: round(m["wall"], 2) for q, m in minutes.items()},
+               "cpu_minutes": {COLUMN[q]: round(m["cpu"], 2) for q, m in minutes.items()},
+               "data_minutes": round(data_minutes, 2), "minutes": round((time.monotonic() - t0) / 60, 2)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str) + "\n",
                                            encoding="utf-8")
     (args.out / "table.md").write_text(header + table, encoding="utf-8")

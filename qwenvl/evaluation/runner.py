@@ -87,9 +87,10 @@ def load_predictions(out_dir: Path) -> dict[str, dict]:
 
 
 def check_run(out_dir: Path, info: dict, d: Dist) -> None:
-    """Refuse to resume predictions made under other settings; rank 0 records the settings."""
+    """Refuse to resume predictions made under other settings; rank 0 records the settings. A run.json with
+    no logged prediction (e.g. the model failed to load) binds nothing and is rewritten."""
     path = out_dir / "run.json"
-    if path.is_file():
+    if path.is_file() and load_predictions(out_dir):
         old = json.loads(path.read_text())
         changed = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
         if changed:
