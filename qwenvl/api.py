@@ -7,7 +7,8 @@
 
 `QWenVL` holds the pure `QWenLMHeadModel` and the generation defaults; the work is in chat.py and
 generation.py. `trust_remote_code`, `device_map` and similar transformers arguments are accepted and
-ignored (everything runs here, on the CPU).
+ignored (everything runs here, on the CPU). The loaded model runs the fast inference paths (fast_paths.py);
+`from_pretrained(dir, fast=False)` or QWENVL_FAST=0 keeps the reference paths.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from . import chat as chat_lib
 from .config import GenerationConfig, QWenConfig
+from .fast_paths import use_fast_paths
 from .generation import generate as generate_ids
 from .model import QWenLMHeadModel
 from .tokenizer import QWenTokenizer
@@ -37,12 +39,15 @@ class QWenVL:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = "auto",
-                        torch_dtype: str | torch.dtype | None = None, **kwargs) -> "QWenVL":
-        """Load config.json, generation_config.json and the weights of a checkpoint directory."""
+                        torch_dtype: str | torch.dtype | None = None, fast: bool | None = None,
+                        **kwargs) -> "QWenVL":
+        """Load config.json, generation_config.json and the weights of a checkpoint directory; `fast` as in
+        fast_paths.use_fast_paths (None: on unless QWENVL_FAST=0)."""
         unknown = set(kwargs) - _IGNORED_LOAD_ARGS
         if unknown:
             raise TypeError(f"unknown arguments to from_pretrained: {sorted(unknown)}")
         model = load_model(model_dir, dtype=torch_dtype if torch_dtype is not None else dtype)
+        use_fast_paths(model, fast)
         return cls(model, load_generation_config(model_dir))
 
     @property

@@ -283,6 +283,7 @@ class Qwen2ChatSession(ChatSession):
         return message, pictures, pixels, clips
 
     def _stream(self, turn: tuple) -> str:
+        from .fast_paths import fast_step
         from .qwen2_vl_chat import DEFAULT_SYSTEM, render_ids
         from .qwen2_vl_generation import VisionInputs, generate_stream
 
@@ -302,7 +303,7 @@ class Qwen2ChatSession(ChatSession):
         params = _qwen2_sampling(self.args, self.args.model or default_model_dir())
         tok, shown, out = self.tokenizer, "", []
         for step in generate_stream(self.model, torch.tensor([ids]), params, vision=vision, generator=self.generator,
-                                    eos_token_id=stops):
+                                    eos_token_id=stops, step=fast_step(self.model)):
             token = int(step[0])
             if token in stops:
                 break

@@ -34,18 +34,21 @@ def family_name(model_dir: str | Path) -> str:
     return "qwen2_vl" if json.loads(path.read_text()).get("model_type") == "qwen2_vl" else "qwen_vl"
 
 
-def load_family(model_dir: str | Path, dtype: str = "auto"):
-    """(model, tokenizer, family) of a checkpoint folder, the family chosen by config.json."""
+def load_family(model_dir: str | Path, dtype: str = "auto", fast: bool | None = None):
+    """(model, tokenizer, family) of a checkpoint folder for inference, the family chosen by config.json; the model
+    runs the fast paths unless `fast=False` or QWENVL_FAST=0 (fast_paths.py)."""
+    from .fast_paths import use_fast_paths
+
     if family_name(model_dir) == "qwen2_vl":
         from .qwen2_tokenizer import Qwen2Tokenizer
         from .qwen2_vl_weights import load_model, load_processor_config
 
-        model = load_model(model_dir, dtype).eval()
+        model = use_fast_paths(load_model(model_dir, dtype).eval(), fast)
         return model, Qwen2Tokenizer.from_pretrained(model_dir), Qwen2VLFamily(model, load_processor_config(model_dir))
     from .tokenizer import QWenTokenizer
     from .weights import load_model
 
-    model = load_model(model_dir, dtype).eval()
+    model = use_fast_paths(load_model(model_dir, dtype).eval(), fast)
     return model, QWenTokenizer.from_pretrained(model_dir), QwenVLFamily(model)
 
 
@@ -231,10 +234,14 @@ class Qwen2VLFamily(QwenVLFamily):
         return logits[:, -1], rope_delta.tolist()
 
     def decode(self, last: Tensor, cache: KVCache, rope_deltas: list[int]) -> Tensor:
+        from .fast_paths import fast_step
         from .positions import decode_position_ids
 
-        n = last.shape[0]
-        position_ids = decode_position_ids(cache.next_position, torch.tensor(rope_deltas, dtype=torch.long))
+        n, deltas = last.shape[0], torch.tensor(rope_deltas, dtype=torch.long)
+        step = fast_step(self.model)                  # FastDecoder's step when the loader switched it on
+        if step is not None:
+            return step(last[:, 0], cache, deltas)                                        # [n, V]
+        position_ids = decode_position_ids(cache.next_position, deltas)
         return self.model(last, position_ids, torch.ones(n, 1, dtype=torch.long), kv_cache=cache,
                           last_only=True)[:, -1]                                          # [n, V]
 

@@ -3,7 +3,7 @@
     y = base(x) + scaling * B(A(dropout(x)))      A: [r, in] (Kaiming-uniform), B: [out, r] (zeros)
     scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
-The base may be a float `nn.Linear` (LoRA) or a frozen quantized linear (`Int4Linear`, `GPTQLinear`,
+The base may be a float `nn.Linear` or `FastLinear` (LoRA) or a frozen quantized linear (`Int4Linear`, `GPTQLinear`,
 `Int8Linear`: Q-LoRA); only A and B train. Attribute names follow PEFT (`base_layer`, `lora_A`,
 `lora_B`, `lora_dropout`), so a module path here is the path PEFT saves under (see peft_format.py).
 
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .fast_linear import FastLinear
 
 OFFICIAL_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2")
 BASE_MODEL_MODULES_TO_SAVE = ("wte", "lm_head")
@@ -117,7 +119,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _float_weight(self) -> Tensor:
-        if not isinstance(self.base_layer, nn.Linear):
+        if not isinstance(self.base_layer, (nn.Linear, FastLinear)):     # FastLinear: a model loaded for inference
             raise ValueError(f"cannot merge LoRA into a quantized {type(self.base_layer).__name__}: merge into the "
                              "float model instead (as the official README does for Q-LoRA adapters)")
         return self.base_layer.weight

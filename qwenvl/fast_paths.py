@@ -1,0 +1,66 @@
+"""The fast inference paths, switched on in one place for the loaders that serve users: the chat API
+(`QWenVL.from_pretrained`), `qwenvl chat` and `qwenvl serve` (both through `families.load_family`).
+
+    model = use_fast_paths(model)      # in place, right after loading for inference; returns the model
+    step = fast_step(model)            # Qwen2-VL: the decode step to pass as generate's `step=`; else None
+
+What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
+    * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 decode GEMVs run on the compiled
+      kernel; float32 weights, prefill rows and anything needing gradients still go to F.linear.
+    * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
+Checkpoint keys and `save_checkpoint`'s output are unchanged. Training and fine-tuning load with the plain
+`weights.load_model` and never come here. Turn it off with QWENVL_FAST=0 in the environment, or `fast=False`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .fast_linear import use_fast_linears
+
+ENV = "QWENVL_FAST"
+_OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
+_DECODER_DTYPES = (torch.float32, torch.bfloat16)       # the dtypes tests/test_fast_decode.py holds the step to
+_ATTACHED = "_fast_decoder"                             # model.__dict__ key: (FastDecoder, the modules it fused)
+
+
+def fast_enabled(fast: bool | None = None) -> bool:
+    """`fast` when given, else the QWENVL_FAST environment variable: on unless it is 0 / false / no / off."""
+    if fast is not None:
+        return bool(fast)
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in _OFF + _ON:
+        raise ValueError(f"{ENV}={value!r}: use 1 (fast inference paths, the default) or 0 (the reference paths)")
+    return value in _ON
+
+
+def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
+    """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
+    from .qwen2_vl import Qwen2VL
+    from .qwen2_vl_fast import FastDecoder
+
+    if not fast_enabled(fast):
+        return model
+    use_fast_linears(model)
+    if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
+        model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
+    return model
+
+
+def fast_step(model: nn.Module):
+    """The decode step `use_fast_paths` attached, or None (use the reference `decode_step`): none attached, or a
+    fused projection was swapped since (e.g. by LoRA), which only the reference forward would see."""
+    attached = model.__dict__.get(_ATTACHED)
+    if attached is None:
+        return None
+    decoder, members = attached
+    now = _fused_members(model)
+    return decoder.step if len(now) == len(members) and all(a is b for a, b in zip(now, members)) else None
+
+
+def _fused_members(model: nn.Module) -> list[nn.Module]:
+    """The projections FastDecoder calls through its fused modules (o_proj, down_proj it reads from the layer)."""
+    return [m for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                         layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
