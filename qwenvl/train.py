@@ -145,14 +145,16 @@ def plot_losses(csv_path: Path, png_path: Path, width: int = 900, height: int = 
     lo, hi = math.log(min(losses)), math.log(max(losses))
     pad, span = 50, max(1e-6, hi - lo)
     x_max = max(x_of[(r["stage"], int(r["step"]))] for r in rows) or 1
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
     for k, stage in enumerate(stages):
         pts = [(pad + (width - 2 * pad) * x_of[(r["stage"], int(r["step"]))] / x_max,
                 height - pad - (height - 2 * pad) * (math.log(max(float(r["loss"]), 1e-4)) - lo) / span)
                for r in rows if r["stage"] == stage]
         if len(pts) > 1:
             draw.line(pts, fill=colours[k % len(colours)], width=2)
-        draw.text((pad + 10 + 130 * k, 10), stage, fill=colours[k % len(colours)])
+        # each name above where its stage starts, on alternating rows so neighbours do not overlap
+        draw.text((min(pts[0][0], width - pad - 90), 8 + 16 * (k % 2)), stage, fill=colours[k % len(colours)])
     draw.rectangle((pad, pad, width - pad, height - pad), outline="black")
     draw.text((5, pad - 12), f"{math.exp(hi):.3g}", fill="black")
     draw.text((5, height - pad), f"{math.exp(lo):.3g}", fill="black")

@@ -90,8 +90,8 @@ FULL = {
     "stage2_read": Stage("stage2_read", 300, 16, 3e-4, 20),
     "stage2_warmup": Stage("stage2_warmup", 450, 16, 3e-4, 20),
     "stage2_easy": Stage("stage2_easy", 1000, 24, 3e-4, 50),
-    "stage2": Stage("stage2", 1200, 24, 2e-4, 50),
-    "stage3": Stage("stage3", 500, 16, 1e-4, 30),
+    "stage2": Stage("stage2", 900, 24, 2e-4, 50),
+    "stage3": Stage("stage3", 400, 16, 1e-4, 30),
 }
 SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
 STAGES = SMOKE if args.smoke else FULL
