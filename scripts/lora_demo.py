@@ -1,11 +1,17 @@
-"""LoRA-teach the demo model a shape it has never seen ("heart"), and measure held-out accuracy before/after.
+"""LoRA-teach the demo model something it cannot do, and measure held-out accuracy before/after.
 
-    .venv/bin/python scripts/lora_demo.py --model qwenvl/assets/demo_model --data runs/lora_demo/data \\
-        --out runs/lora_demo/run        # 200 steps of 8; ~3.5 CPU min for the demo model: ~3-5 min on 2 cores
+    .venv/bin/python scripts/lora_demo.py --model qwenvl/assets/demo_model --data runs/lora_demo/french \\
+        --out runs/lora_demo/french --task french   # 200 steps of 8; ~3.5 CPU min: ~3-5 min on 2 cores
+    .venv/bin/python scripts/lora_demo.py --model M --data D --out O --task heart   # a new shape
     .venv/bin/python scripts/lora_demo.py --model M --data D --out O --smoke   # a few steps (pipeline check)
 
-The synthetic world has seven shapes (circle, square, triangle, star, diamond, hexagon, cross). This script
-draws single-object scenes on the world's backgrounds, half with a world shape and half with a heart, and
+--task french: the world speaks English and Chinese. Half the questions ask for the colour of the one object
+"in French" (rouge, bleu, ...), half ask it in English as in training: before tuning the model answers in
+English (0% French); after, the French answers are scored for the right colour, and the English half checks
+that nothing else broke.
+
+--task heart: the synthetic world has seven shapes (circle, square, triangle, star, diamond, hexagon, cross).
+This script draws single-object scenes on the world's backgrounds, half with a world shape and half with a heart, and
 asks "What shape is the <colour> object?" in English. Before tuning the model can only answer with a shape it
 knows, so it gets every heart wrong; LoRA on the official targets (no full wte/lm_head copies) teaches the
 new word while the held-out questions about the known shapes check that nothing else broke.
@@ -45,18 +51,23 @@ parser.add_argument("--model", type=Path, required=True, help="the demo model (o
 parser.add_argument("--data", type=Path, required=True, help="data folder (written if it has no train.json)")
 parser.add_argument("--out", type=Path, required=True, help="fine-tune output folder (resumable)")
 parser.add_argument("--n-train", type=int, default=800)
-parser.add_argument("--n-test", type=int, default=100, help="held-out questions (half hearts, half known shapes)")
+parser.add_argument("--n-test", type=int, default=100, help="held-out questions (half the new skill)")
 parser.add_argument("--epochs", type=float, default=2.0)
 parser.add_argument("--lr", type=float, default=5e-4)
 parser.add_argument("--lora-r", type=int, default=16)
 parser.add_argument("--batch-size", type=int, default=8)
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+parser.add_argument("--task", choices=["french", "heart"], default="french",
+                    help="french: name colours in a new language; heart: a new shape")
 parser.add_argument("--smoke", action="store_true", help="tiny data and 3 steps: checks the pipeline only")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 if args.smoke:
     args.n_train, args.n_test, args.epochs = 16, 8, 0.0
 NEW = "heart"
+FRENCH = {"red": "rouge", "orange": "orange", "yellow": "jaune", "green": "vert", "blue": "bleu", "purple": "violet",
+          "pink": "rose", "brown": "marron", "black": "noir"}
+GROUPS = {"heart": ("heart", "known shapes"), "french": ("in French", "in English")}[args.task]
 
 
 # --------------------------------------------------------------------------- the new shape
@@ -72,22 +83,27 @@ def heart_mask(side: int) -> Image.Image:
 
 
 def make_sample(rng: random.Random, k: int, split: str, folder: Path) -> dict:
-    """One scene with one object; with probability 1/2 the object is redrawn as a heart of the same colour."""
+    """One scene with one object; even samples are the new skill (a heart of the same colour, or French)."""
     scene = sample_scene(rng, SceneSpec(n_objects=(1, 1), n_texts=(0, 0)))
     obj = scene.objects[0]
-    img = render_scene(scene.__class__(scene.width, scene.height, scene.background, (), ()))
-    is_heart = k % 2 == 0
-    mask = heart_mask(obj.side) if is_heart else None
-    if is_heart:
-        img.paste(obj.rgb, (obj.x, obj.y, obj.x + obj.side, obj.y + obj.side), mask)
+    new = k % 2 == 0
+    if args.task == "heart" and new:
+        img = render_scene(scene.__class__(scene.width, scene.height, scene.background, (), ()))
+        img.paste(obj.rgb, (obj.x, obj.y, obj.x + obj.side, obj.y + obj.side), heart_mask(obj.side))
     else:
         img = render_scene(scene)
     rel = f"img/{split[:2]}{k:04d}.png"     # 14 bytes: a path must fit the image span (n_queries - 2 bytes)
     img.save(folder / rel)
-    question = rng.choice((f"What shape is the {colour_name(obj.colour, 'en')} object?",
-                           f"What is the shape of the {colour_name(obj.colour, 'en')} object?"))
-    answer = NEW if is_heart else shape_name(obj.kind, "en")
-    return {"id": f"{split}-{k}", "conversations": [
+    if args.task == "heart":
+        question = rng.choice((f"What shape is the {colour_name(obj.colour, 'en')} object?",
+                               f"What is the shape of the {colour_name(obj.colour, 'en')} object?"))
+        answer = NEW if new else shape_name(obj.kind, "en")
+    else:
+        what = f"the {shape_name(obj.kind, 'en')}"
+        question = rng.choice((f"What colour is {what}?", f"What is the colour of {what}?"))
+        question, answer = (question + " Answer in French.", FRENCH[obj.colour]) if new else \
+            (question, colour_name(obj.colour, "en"))
+    return {"id": f"{split}-{k}", "group": GROUPS[0] if new else GROUPS[1], "conversations": [
         {"from": "user", "value": f"Picture 1: <img>{rel}</img>\n{question}"},
         {"from": "assistant", "value": answer}]}
 
@@ -110,7 +126,7 @@ if not (args.data / "train.json").is_file():
 def accuracy(model, tok: QWenTokenizer, samples: list[dict], image_size: int, batch: int = 16) -> dict:
     """Greedy answers to the held-out questions; exact match (case and final '.' ignored), per group."""
     model.eval()
-    right, answers = {"heart": [], "known shapes": []}, Counter()
+    right, answers = {g: [] for g in GROUPS}, Counter()
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
         prompts = [render_sft(s["conversations"][:1], tok).input_ids + tok.encode("<|im_start|>assistant\n")
@@ -125,7 +141,7 @@ def accuracy(model, tok: QWenTokenizer, samples: list[dict], image_size: int, ba
             answer = tok.decode(row[:n]).strip().rstrip(".").lower()
             gold = s["conversations"][1]["value"]
             answers[answer] += 1
-            right["heart" if gold == NEW else "known shapes"].append(answer == gold)
+            right[s["group"]].append(answer == gold)
     return {k: round(sum(v) / max(1, len(v)), 3) for k, v in right.items()} | {"answers": dict(answers.most_common())}
 
 
@@ -158,15 +174,14 @@ after = accuracy(tuned, tok, test, image_size)
 print(f"after LoRA:  {after}  ({minutes:.1f} min of training)", flush=True)
 
 # --------------------------------------------------------------------------- report
-results = {"before": before, "after": after, "n_train": summary["samples"], "n_test": len(test), "epochs": args.epochs,
+results = {"task": args.task, "before": before, "after": after, "n_train": summary["samples"], "n_test": len(test), "epochs": args.epochs,
            "lr": args.lr, "lora_r": args.lora_r, "train_minutes": round(minutes, 1),
            "train_cpu_minutes": round(cpu_minutes, 2), "threads": args.threads,
            "trainable_parameters": summary["trainable_parameters"], "model_parameters": n_params,
            "peak_rss_mb": round(peak_mb), "finetune": summary}
 (args.out / "results.json").write_text(json.dumps(results, indent=2))
 table = ["| held-out questions | before LoRA | after LoRA |", "|---|---|---|"]
-table += [f"| {k} ({sum(1 for s in test if (s['conversations'][1]['value'] == NEW) == (k == 'heart'))}) "
-          f"| {before[k]:.0%} | {after[k]:.0%} |" for k in ("heart", "known shapes")]
+table += [f"| {k} ({sum(1 for s in test if s['group'] == k)}) | {before[k]:.0%} | {after[k]:.0%} |" for k in GROUPS]
 (args.out / "results.md").write_text("\n".join(table) + "\n")
 print("\n".join(table))
 sys.exit(0)

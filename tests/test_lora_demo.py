@@ -27,9 +27,9 @@ def model(tmp_path_factory) -> Path:
     return folder
 
 
-def run_demo(model: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+def run_demo(model: Path, data: Path, out: Path, task: str = "heart") -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "lora_demo.py"), "--model", str(model), "--data", str(data),
-           "--out", str(out), "--smoke", "--threads", "1"]
+           "--out", str(out), "--smoke", "--threads", "1", "--task", task]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -61,3 +61,15 @@ def test_smoke_run_writes_data_adapter_and_report(model, tmp_path):
     again = run_demo(model, data, out)                       # finished: evaluates the saved adapter, no training
     assert "step 1/" not in again.stderr
     assert json.loads((out / "results.json").read_text())["after"] == results["after"]
+
+
+def test_french_task_asks_half_the_questions_in_french_with_french_answers(model, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    run_demo(model, data, out, task="french")
+    test = json.loads((data / "test.json").read_text())
+    french = {"rouge", "orange", "jaune", "vert", "bleu", "violet", "rose", "marron", "noir"}
+    assert all(s["group"] == "in French" and s["conversations"][0]["value"].endswith("Answer in French.")
+               and s["conversations"][1]["value"] in french for s in test[::2])
+    assert all(s["group"] == "in English" and "French" not in s["conversations"][0]["value"] for s in test[1::2])
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "french" and set(results["after"]) == {"in French", "in English", "answers"}
