@@ -411,7 +411,7 @@ if wanted("stage3"):
 
 
 # --------------------------------------------------------------------------- weights for eval / export
-MODEL_STAGES = ["lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_easy", "stage2", "stage3"]
+MODEL_STAGES = [name for name in STAGES if name != "vit_pretrain"]     # the language model's, in order
 if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "stage2", "stage3")):
     # e.g. `--only eval`: no stage ran, so evaluate and export the last finished one (a stopped run's best so far).
     finished = [name for name in MODEL_STAGES if (OUT / name / "DONE").is_file()]
