@@ -29,7 +29,6 @@ before it, against weight bytes (whole model) + KV cache. Matmul peak = torch's 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import time
@@ -43,6 +42,7 @@ from measure import (
     decode_bytes,
     matmul_peak,
     memory_gib,
+    release_freed_memory,
     reset_peak_rss,
     rss_gib,
     stream_bandwidth,
@@ -126,7 +126,7 @@ def qwen2_prompt(cfg: Qwen2VLConfig, n_image_tokens: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- one case
 def start_case() -> float:
-    gc.collect()
+    release_freed_memory()
     reset_peak_rss()
     return rss_gib()[0]
 

@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/bench_quant.py --qwen-vl --quick    # the same at 2 LM + 2 ViT layers (a check)
     .venv/bin/python benchmarks/bench_quant.py --modes bf16 int4 --threads 2 --json out/bench_quant.json
 
-Model: our Qwen2-VL decoder (qwenvl/qwen2_vl.py) at the Qwen2-VL-2B sizes (hidden 1536, 28 layers, 12 heads, 2 KV
+Every model runs as users get it, with qwenvl.fast_paths on (FastLinear bf16 GEMVs, fused projections, the Qwen2-VL
+decode step of qwen2_vl_fast). Model: our Qwen2-VL decoder (qwenvl/qwen2_vl.py) at the Qwen2-VL-2B sizes (hidden 1536, 28 layers, 12 heads, 2 KV
 heads, MLP 8960, vocab 151936), random weights, the vision tower cut to one block (decoding never runs it). fp32 and
 bf16 keep lm_head tied to the embedding, as the 2B model does. int8 / int4 quantize every decoder linear and
 lm_head (int8 per output channel; int4 group 128, symmetric), built directly in quantized form with random codes;
@@ -38,6 +39,8 @@ from torch import nn
 
 from qwenvl import quant_kernels
 from qwenvl.config import QWenConfig
+from qwenvl.fast_paths import fast_step, use_fast_paths
+from qwenvl.fused_projections import fuse_projections
 from qwenvl.kv_cache import KVCache
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.quantize import (
@@ -80,7 +83,8 @@ def qwen2_2b(mode: str) -> Qwen2VL:
             bits = 8 if mode == "int8" else 4
             quantized_swap(model, {"quant_method": "qwenvl", "bits": bits, "group_size": 128, "sym": True,
                                    "lm_head": True})
-    return materialise(model, torch.float32 if mode == "fp32" else torch.bfloat16, torch.Generator().manual_seed(0))
+    model = materialise(model, torch.float32 if mode == "fp32" else torch.bfloat16, torch.Generator().manual_seed(0))
+    return use_fast_paths(model)
 
 
 def qwen_vl_chat() -> QWenLMHeadModel:
@@ -92,7 +96,7 @@ def qwen_vl_chat() -> QWenLMHeadModel:
     with torch.device("meta"):
         model = QWenLMHeadModel(cfg)
         quantized_swap(model, scheme)
-    return materialise(model, torch.bfloat16, torch.Generator().manual_seed(0))
+    return use_fast_paths(materialise(model, torch.bfloat16, torch.Generator().manual_seed(0)))
 
 
 class Stub(nn.Module):
@@ -107,7 +111,13 @@ class Stub(nn.Module):
 
 
 def stub_linears(model: Qwen2VL) -> Qwen2VL:
-    swap_linears(model, lambda lin: Stub(lin.out_features), lm_head=True)
+    """Every linear the fast decode step calls (the fused q/k/v and gate/up, o_proj, down_proj, lm_head) stubbed."""
+    for layer, fused in zip(model.model.layers, fuse_projections(model)):
+        for name in fused:
+            fused[name] = Stub(fused[name].out_features)
+        layer.self_attn.o_proj = Stub(layer.self_attn.o_proj.out_features)
+        layer.mlp.down_proj = Stub(layer.mlp.down_proj.out_features)
+    model.lm_head = Stub(model.lm_head.out_features)
     return model
 
 
@@ -119,8 +129,10 @@ def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
     max_len = PROMPT + steps + 3
     if isinstance(model, Qwen2VL):
         cache = new_kv_cache(model.config, 1, max_len, dtype)
-        step = lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1),
-                                 kv_cache=cache, last_only=True)
+        fast, no_delta = fast_step(model), torch.zeros(1, dtype=torch.long)
+        step = (lambda tok: fast(tok[:, 0], cache, no_delta)[:, None]) if fast else (
+            lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1), kv_cache=cache,
+                              last_only=True))
     else:
         cache = KVCache.empty(model.config, 1, max_len, dtype)
         step = lambda tok: model(tok, kv_cache=cache, last_only=True)

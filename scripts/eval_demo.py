@@ -44,8 +44,8 @@ Resolution ablation (`--resolutions`): the OCR sets are also fed at other sizes;
 as it did in stage 1 at 112 px; the resampler keeps its 64 queries.
 
 Quantization (`--quant`): the LLM block linears are swapped in memory by `qwenvl.quantize.quantize_model`, the
-code behind `qwenvl quantize` (int8 per output channel; int4 group-wise and symmetric); the ViT, adapter and
-lm_head stay float. The int4 group size is `qwenvl quantize`'s 128 where it divides every LLM linear's input
+code behind `qwenvl quantize` (int8 per output channel; int4 group-wise, symmetric, or with zero points as
+`int4-asym` = `--asym`); the ViT, adapter and lm_head stay float. The int4 group size is `qwenvl quantize`'s 128 where it divides every LLM linear's input
 size; the demo model's MLP c_proj has 704 = 11 x 64 inputs, so it gets 64 (recorded in summary.json and stated
 above the table). A --group-size that does not divide them is refused before anything runs.
 
@@ -87,8 +87,9 @@ from qwenvl.tokenizer import QWenTokenizer
 from qwenvl.weights import load_config, load_model
 
 EVAL_SEED = 1234
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
-COLUMN = {"none": "float", "int8": "int8", "int4": "int4"}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "int4-asym": 4}
+SYMMETRIC = {"int4-asym": False}                  # every other quantization is symmetric
+COLUMN = {"none": "float", "int8": "int8", "int4": "int4", "int4-asym": "int4-asym"}
 EN_CAPTION_PROMPT = "Describe the image in English:"  # the official prompt, as evaluation.datasets.read_caption asks
 ZH_CAPTION_PROMPT = "用中文描述这张图片："          # synthetic_tasks.CAPTION_PROMPTS["zh"][0]
 JAVA_MISSING = "CIDEr skipped: `java` is not on PATH (pycocoevalcap's PTB tokenizer and METEOR need a JRE, " \
@@ -167,14 +168,14 @@ class Models:
             if QUANT_BITS[quant] is not None:
                 if model.config.quantization_config:
                     raise SystemExit(f"error: {self.model_dir} is already quantized; give a float checkpoint")
-                quantize_model(model, QUANT_BITS[quant], self.group_size)
+                quantize_model(model, QUANT_BITS[quant], self.group_size, sym=SYMMETRIC.get(quant, True))
             self.loaded[quant] = model
         return self.loaded[quant]
 
     def scheme(self, quant: str) -> dict | None:
         bits = QUANT_BITS[quant]
         return None if bits is None else {"bits": bits, "group_size": self.group_size if bits == 4 else None,
-                                          "sym": True, "lm_head": False}
+                                          "sym": SYMMETRIC.get(quant, True), "lm_head": False}
 
 
 def int4_group_size(model_dir: Path, requested: int | None = None) -> int:
@@ -348,7 +349,9 @@ def make_table(results: list[dict], quants: list[str], native: int) -> tuple[str
 def quant_note(quants: list[str], group_size: int | None) -> str:
     """What int8 / int4 mean in this table (group size included), or "" for float alone."""
     parts = {"int8": "int8 per output channel",
-             "int4": f"int4 symmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size {group_size}`)"}
+             "int4": f"int4 symmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size {group_size}`)",
+             "int4-asym": f"int4 asymmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size "
+                          f"{group_size} --asym`)"}
     said = [parts[q] for q in quants if q in parts]
     return ("Quantized: " + "; ".join(said) + "; LLM block linears only (ViT, adapter, lm_head float).\n\n"
             if said else "")
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    group = int4_group_size(args.model, args.group_size) if "int4" in args.quant else None
+    group = int4_group_size(args.model, args.group_size) if {"int4", "int4-asym"} & set(args.quant) else None
     t_data = time.monotonic()
     ensure_data(args.out / "data", args.seed, args.n)
     data_minutes = (time.monotonic() - t_data) / 60

@@ -166,5 +166,15 @@ def test_int4_group_size_is_the_largest_that_divides(tmp_path):
     assert load_script().int4_group_size(model) == 64
 
 
+def test_int4_asym_quantizes_with_zero_points(tmp_path):
+    from qwenvl.quantize import Int4Linear
+
+    models = load_script().Models(write_tiny_checkpoint(tmp_path), group_size=32)
+    assert models.scheme("int4-asym") == {"bits": 4, "group_size": 32, "sym": False, "lm_head": False}
+    assert models.scheme("int4")["sym"] is True
+    int4 = [m for m in models.get("int4-asym").modules() if isinstance(m, Int4Linear)]
+    assert int4 and not any(m.sym for m in int4)
+
+
 def test_cjk_tokens():
     assert load_script().cjk_tokens("条纹背景上有两个red圆形，“猫”。") == "条 纹 背 景 上 有 两 个 red 圆 形 猫"

@@ -234,6 +234,41 @@ def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
         torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("in_f, out_f, rows", [(203, 37, 1), (1000, 19, 3), (5000, 24, 1), (4128, 9, 6)])
+def test_int8_vnni_kernel_is_float32_accurate(in_f, out_f, rows):
+    """int16 halves of x (30 bits) and exact integer sums: within float32 rounding of the float path, also past
+    the 4096 inputs after which the integer sums are flushed, and for rows of very different magnitudes."""
+    from qwenvl.quantize import Int8Linear
+
+    if quant_kernels.int8_vnni() is None:
+        pytest.skip("built without AVX512-VNNI")
+    torch.manual_seed(in_f + out_f)
+    lin = Int8Linear.from_linear(nn.Linear(in_f, out_f))
+    x = torch.randn(rows, in_f) * torch.logspace(-3, 3, rows)[:, None]
+    x[0, 5] = 300.0                                               # an outlier feature, as LLM activations have
+    ref = lin.reference_forward(x)
+    try:
+        outs = {on: (quant_kernels.int8_vnni(on), lin(x))[1] for on in (True, False)}
+    finally:
+        quant_kernels.int8_vnni(True)
+    for y in outs.values():
+        for r in range(rows):                                    # each row to its own scale
+            torch.testing.assert_close(y[r], ref[r], rtol=0, atol=1e-5 * ref[r].abs().max().item())
+
+
+def test_int8_vnni_kernel_keeps_non_finite_inputs_non_finite():
+    from qwenvl.quantize import Int8Linear
+
+    if quant_kernels.int8_vnni() is None:
+        pytest.skip("built without AVX512-VNNI")
+    lin = Int8Linear.from_linear(nn.Linear(64, 8))
+    x = torch.randn(3, 64)
+    x[0, 3], x[1, 7] = float("inf"), float("nan")
+    y = lin(x)
+    assert not y[0].isfinite().any() and y[1].isnan().all() and y[2].isfinite().all()
+    assert torch.equal(y[2], lin(x[2:]).view(-1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_rotary_is_bit_identical(dtype):
     from qwenvl.qwen2_vl_fast import FastDecoder, rotate
