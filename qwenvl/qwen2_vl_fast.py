@@ -60,8 +60,12 @@ class FastDecoder:
         qk = rotate(qkv[:, :self.heads + self.kv_heads], *rope)                         # q and k in one pass
         (q, k), v = qk.split([self.heads, self.kv_heads], dim=1), qkv[:, self.heads + self.kv_heads:]
         keys, values = cache.write(i, k, v)                                            # [B, Hkv, S, D]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)   # [B, H, 1, D]
-        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+        # The G = H / Hkv query heads of one KV head as G query rows of it: the same products and sums as
+        # enable_gqa, but SDPA's CPU kernel pays its per-(row, head) block cost Hkv times instead of H times
+        # (bf16, 300 cached tokens: 578 -> 64 us a layer, the same bits).
+        grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # [B, Hkv, G, D]
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)   # [B, Hkv, G, D]
+        return layer.self_attn.o_proj(out.reshape(b, 1, -1))
 
     def _rope(self, position: Tensor) -> tuple[Tensor, Tensor]:
         """cos [B, 1, 1, D] and sin with its first half negated (see `rotate`)."""
