@@ -279,30 +279,33 @@ static void int8_matvec(const float* x, int64_t M, int64_t K, const int8_t* w, c
 
 // ------------------------------------------------------------------------------------------ int4, row-major
 
-// xe / xo: the even / odd inputs of BB rows [BB, K/2]; xsum: their group sums [BB, G]. Per group and row the float
-// codes meet the de-interleaved inputs, the scale is applied once to the group's partial sum, and the zero points
-// once per row at the end.
-template <int BB>
-static void int4_row(const float* xe, const float* xo, const float* xsum, int64_t K2, int64_t G, int64_t gs2,
-                     const uint8_t* row, const float* scale, const uint8_t* zero, float* out) {
-  f32v acc[BB] = {};
+// xe / xo: the even / odd inputs of BB rows [BB, K/2]; xsum: their group sums [BB, G]; R rows of codes (row stride
+// K/2) with their scales and zero points (row stride G). Per group and row the float codes meet the de-interleaved
+// inputs, the scale is applied once to the group's partial sum, and the zero points once per row at the end.
+template <int R, int BB>
+static void int4_dot(const float* xe, const float* xo, const float* xsum, int64_t K2, int64_t G, int64_t gs2,
+                     const uint8_t* w, const float* scale, const uint8_t* zero, float (&out)[BB][R]) {
+  f32v acc[BB][R] = {};
   for (int64_t g = 0; g < G; g++) {
-    f32v even[BB] = {}, odd[BB] = {};
+    f32v even[BB][R] = {}, odd[BB][R] = {};
     for (int64_t j = g * gs2; j < (g + 1) * gs2; j += L) {
-      const i32v v = widen_u8(row + j);                          // L bytes: inputs 2j.. in low, 2j+1.. in high
-      const f32v lo = to_f32(v & 15), hi = to_f32(v >> 4);
-      for (int b = 0; b < BB; b++) {
-        even[b] += lo * load<f32v>(xe + b * K2 + j);
-        odd[b] += hi * load<f32v>(xo + b * K2 + j);
+      f32v xev[BB], xov[BB];
+      for (int b = 0; b < BB; b++) xev[b] = load<f32v>(xe + b * K2 + j), xov[b] = load<f32v>(xo + b * K2 + j);
+      for (int r = 0; r < R; r++) {
+        const i32v v = widen_u8(w + r * K2 + j);                 // L bytes: inputs 2j.. in low, 2j+1.. in high
+        const f32v lo = to_f32(v & 15), hi = to_f32(v >> 4);
+        for (int b = 0; b < BB; b++) even[b][r] += lo * xev[b], odd[b][r] += hi * xov[b];
       }
     }
-    for (int b = 0; b < BB; b++) acc[b] += (even[b] + odd[b]) * scale[g];
+    for (int b = 0; b < BB; b++)
+      for (int r = 0; r < R; r++) acc[b][r] += (even[b][r] + odd[b][r]) * scale[r * G + g];
   }
-  for (int b = 0; b < BB; b++) {
-    float zsum = 0.f;                                            // sum_g s_g z_g xsum_g
-    for (int64_t g = 0; g < G; g++) zsum += scale[g] * (float)zero[g] * xsum[b * G + g];
-    out[b] = hsum(acc[b]) - zsum;
-  }
+  for (int b = 0; b < BB; b++)
+    for (int r = 0; r < R; r++) {
+      float zsum = 0.f;                                          // sum_g s_g z_g xsum_g
+      for (int64_t g = 0; g < G; g++) zsum += scale[r * G + g] * (float)zero[r * G + g] * xsum[b * G + g];
+      out[b][r] = hsum(acc[b][r]) - zsum;
+    }
 }
 
 static void group_sums(const float* x, int64_t M, int64_t K, int64_t group, float* xsum) {
@@ -319,27 +322,37 @@ static void group_sums(const float* x, int64_t M, int64_t K, int64_t group, floa
 // One row of bfloat16 x (decoding a bf16 model) with AVX512-BF16: the codes of 32 bytes become 64 exact bf16 values by
 // a 16-entry table lookup (vpermw), and vdpbf16ps multiplies pairs of them with the de-interleaved inputs, adding the
 // exact products in float32 (as the float path does, in another order). 7 instructions per 64 weights instead of 14:
-// the float path is bound by converting codes, this one nearly by the memory. Needs group % 64.
-static float int4_row_bf16(const uint16_t* xe, const uint16_t* xo, const float* xsum, int64_t G, int64_t gs2,
-                           const uint8_t* row, const float* scale, const uint8_t* zero) {
+// the float path is bound by converting codes, this one nearly by the memory. Needs group % 64. One row of x and R
+// of codes: out[0][r].
+template <int R>
+static void int4_dot_bf16(const uint16_t* xe, const uint16_t* xo, const float* xsum, int64_t K2, int64_t G,
+                          int64_t gs2, const uint8_t* w, const float* scale, const uint8_t* zero, float (&out)[1][R]) {
   static const uint16_t codes_bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
                                           0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};  // 0..15
   const __m512i table = _mm512_loadu_si512(codes_bf16), low4 = _mm512_set1_epi16(15);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; g++) {
-    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
     for (int64_t j = g * gs2; j < (g + 1) * gs2; j += 32) {
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
-      const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);     // inputs 2(j+i)
-      const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);        // inputs 2(j+i)+1
-      even = _mm512_dpbf16_ps(even, (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xe + j));
-      odd = _mm512_dpbf16_ps(odd, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xo + j));
+      const __m512bh xev = (__m512bh)_mm512_loadu_si512(xe + j), xov = (__m512bh)_mm512_loadu_si512(xo + j);
+      for (int r = 0; r < R; r++) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K2 + j)));
+        const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);   // inputs 2(j+i)
+        const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);      // inputs 2(j+i)+1
+        even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)lo, xev);
+        odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)hi, xov);
+      }
     }
-    acc = _mm512_fmadd_ps(_mm512_add_ps(even, odd), _mm512_set1_ps(scale[g]), acc);
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even[r], odd[r]), _mm512_set1_ps(scale[r * G + g]), acc[r]);
   }
-  float zsum = 0.f;
-  for (int64_t g = 0; g < G; g++) zsum += scale[g] * (float)zero[g] * xsum[g];
-  return _mm512_reduce_add_ps(acc) - zsum;
+  for (int r = 0; r < R; r++) {
+    float zsum = 0.f;
+    for (int64_t g = 0; g < G; g++) zsum += scale[r * G + g] * (float)zero[r * G + g] * xsum[g];
+    out[0][r] = _mm512_reduce_add_ps(acc[r]) - zsum;
+  }
 }
 
 static int bf16_dot_on = 1;         // qk_bf16_dot(0) turns this path off (tests compare both, benchmarks time both)
@@ -358,10 +371,11 @@ static void int4_matvec_bf16(const uint16_t* x, int64_t K, const uint8_t* w, con
     std::memcpy(&f, &u, 4);
     xsum[k / group] += f;
   }
-  #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; n++)
-    y[n] = int4_row_bf16(xe, xo, xsum.data(), G, gs2, w + n * K2, scale + n * G, zero + n * G) +
-           (bias ? bias[n] : 0.f);
+  over_tiles(1, K, N, threads, [&]<int R, int BB>(int64_t n, int64_t) {
+    float s[1][R];
+    int4_dot_bf16<R>(xe, xo, xsum.data(), K2, G, gs2, w + n * K2, scale + n * G, zero + n * G, s);
+    for (int r = 0; r < R; r++) y[n + r] = s[0][r] + (bias ? bias[n + r] : 0.f);
+  });
 }
 #endif
 
@@ -377,13 +391,12 @@ static void int4_matvec(const float* x, int64_t M, int64_t K, const uint8_t* w, 
       xo[m * K2 + i] = x[m * K + 2 * i + 1];
     }
   group_sums(x, M, K, group, xsum);
-  #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; n++)
-    over_rows(M, [&]<int BB>(int64_t m) {
-      float s[BB];
-      int4_row<BB>(xe + m * K2, xo + m * K2, xsum + m * G, K2, G, gs2, w + n * K2, scale + n * G, zero + n * G, s);
-      for (int b = 0; b < BB; b++) y[(m + b) * N + n] = s[b] + (bias ? bias[n] : 0.f);
-    });
+  over_tiles(M, K, N, threads, [&]<int R, int BB>(int64_t n, int64_t m) {
+    float s[BB][R];
+    int4_dot<R, BB>(xe + m * K2, xo + m * K2, xsum + m * G, K2, G, gs2, w + n * K2, scale + n * G, zero + n * G, s);
+    for (int b = 0; b < BB; b++)
+      for (int r = 0; r < R; r++) y[(m + b) * N + n + r] = s[b][r] + (bias ? bias[n + r] : 0.f);
+  });
 }
 
 // ------------------------------------------------------------------------------------------ entry points

@@ -216,7 +216,7 @@ def test_fast_rms_norm_is_bit_identical(dtype):
     assert torch.equal(rms_norm(norm, x), norm(x))
 
 
-@pytest.mark.parametrize("in_f, out_f, group", [(256, 37, 64), (1536, 200, 128), (384, 9, 128)])
+@pytest.mark.parametrize("in_f, out_f, group", [(256, 37, 64), (1536, 200, 128), (384, 9, 128), (4352, 38, 128)])
 def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
     from qwenvl.quantize import Int4Linear
 

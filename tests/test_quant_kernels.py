@@ -55,12 +55,13 @@ def _assert_f32_close(fast: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale)
 
 
-# Odd shapes on purpose: inputs not a multiple of the vector width (int8), outputs not a multiple of the 8-row
-# blocks (37, 19, 9, 40, 200, 24), group sizes 32 to 128.
+# Odd shapes on purpose: inputs not a multiple of the vector width (int8), outputs not a multiple of the 4-row
+# tiles of long inputs (37, 19, 9, 40, 200, 24, 21), group sizes 32 to 128, inputs past the 4096 of a long row.
 CASES = [("int8", 203, 37, True, 0), ("int8", 256, 64, False, 0), ("int8", 1000, 19, True, 0),
          ("int4-sym", 256, 37, True, 128), ("int4-asym", 384, 72, False, 128), ("int4-asym", 192, 9, True, 64),
          ("int4-sym", 96, 40, False, 32),
-         ("gptq", 256, 40, True, 128), ("gptq", 384, 200, True, 128), ("gptq", 128, 24, True, 32)]
+         ("gptq", 256, 40, True, 128), ("gptq", 384, 200, True, 128), ("gptq", 128, 24, True, 32),
+         ("int8", 4160, 21, True, 0), ("int4-asym", 4352, 37, True, 128)]   # long rows: 4 output rows at a time
 # A group size the decode kernel cannot take (it reads whole vectors of one group: a multiple of 2 x 4-16 lanes).
 ODD_GROUP = ("int4-asym", 48, 24, True, 6)
 
