@@ -17,14 +17,15 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
                   minutes and a quantized checkpoint would load the same bytes.
     Qwen-VL-Chat  qwenvl alone (no transformers implementation): LM 4096 wide, MLP 11008, vocab 151936; ViT-bigG
                   48 x 1664 at 448 px; --qwen-vl-layers LM layers of 32 (16 by default: the bf16 model at full depth
-                  is 19 GB, too close to this machine's 24 GB); bf16 (FastLinear) and int4; built in place, random.
+                  is 19 GB, too close to this machine's 24 GB); bf16 and int4 with qwenvl.fast_paths on (FastLinear, the
+                  decode-attention kernel); built in place, random.
 
 Definitions (encode and prefill: the best of 2 calls): encode = the vision tower on preprocessed pixels; prefill = one forward over the prompt with pixels,
 minus encode; time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
 decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roofline = read bandwidth (1 GiB tensor
 sum, measure.py, same thread count) / weight bytes read per decoded token (all LLM tensors as stored, one embedding
 row, the tied lm_head once). Peak memory = peak RSS during the case (reset with /proc/self/clear_refs) minus the RSS
-before it, against weight bytes (whole model) + KV cache. Matmul peak = torch's [1024 x 1280] @ [1280 x 5120].
+before it (freed memory handed back to the OS first), against weight bytes (whole model) + KV cache. Matmul peak = torch's [1024 x 1280] @ [1280 x 5120].
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from PIL import Image
 from qwenvl import quant_kernels
 from qwenvl.config import QWenConfig
 from qwenvl.fast_linear import use_fast_linears
+from qwenvl.fast_paths import use_fast_paths
 from qwenvl.generation import generate_stream as v1_generate_stream
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
@@ -256,9 +258,7 @@ def build_qwen_vl(mode: str) -> QWenLMHeadModel:
         model = QWenLMHeadModel(cfg)
         if mode in QUANT:
             quantized_swap(model, QUANT[mode])
-    model = materialise(model, torch.bfloat16, torch.Generator().manual_seed(0))
-    use_fast_linears(model)
-    return model
+    return use_fast_paths(materialise(model, torch.bfloat16, torch.Generator().manual_seed(0)))
 
 
 @torch.no_grad()

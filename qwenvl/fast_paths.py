@@ -8,6 +8,8 @@ What it switches on, each held against its reference path by tests/test_fast_dec
     * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 decode GEMVs run on the compiled
       kernel; float32 weights, prefill rows and anything needing gradients still go to F.linear.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
+    * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
+      decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
 Checkpoint keys and `save_checkpoint`'s output are unchanged. Training and fine-tuning load with the plain
 `weights.load_model` and never come here. Turn it off with QWENVL_FAST=0 in the environment, or `fast=False`.
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import quant_kernels
 from .fast_linear import use_fast_linears
 
 ENV = "QWENVL_FAST"
@@ -41,12 +45,23 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     from .qwen2_vl import Qwen2VL
     from .qwen2_vl_fast import FastDecoder
 
+    from .text import QWenAttention
+
     if not fast_enabled(fast):
         return model
     use_fast_linears(model)
+    for module in model.modules():
+        if isinstance(module, QWenAttention):
+            module.attend = attend
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
     return model
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """text.sdpa with one-query rows (decoding) on the decode-attention kernel where it applies."""
+    out = quant_kernels.decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if out is None else out
 
 
 def fast_step(model: nn.Module):

@@ -70,6 +70,7 @@ SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.c
     "qk_dense": [_P, _I64, _I64, _P, _INT, _P, _P, _I64, _INT, _INT],
     "qk_dequant_int8": [_P, _P, _P, _I64, _I64, _INT, _INT],
     "qk_dequant_int4": [_P, _P, _P, _I64, _P, _I64, _I64, _INT, _INT],
+    "qk_attend": [_P, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT],
 }
 
 _lock = threading.Lock()
@@ -134,6 +135,34 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     _state["lib"].qk_dense(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), weight.dtype == torch.bfloat16,
                            _ptr(f32_bias), y.data_ptr(), n, x2.dtype == torch.bfloat16, _threads())
     return y.to(x.dtype)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """SDPA for one query per row, or None where the kernel does not apply (the caller then runs SDPA):
+
+        q [B, H, 1, D], k / v [B, Hk, S, D] (H a multiple of Hk: grouped-query heads), float32 or bfloat16 on the
+        CPU, rows of D contiguous (views of a KV cache are fine); mask: boolean, broadcastable to [B, 1, 1, S]
+        (True = visible), or None. Returns [B, H, 1, D] in q's dtype, the default scale 1/sqrt(D).
+
+    float32 products and sums (bf16 read exactly), then one rounding to q's dtype: within a bf16 step of SDPA."""
+    b, h, t, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    if (t != 1 or q.device.type != "cpu" or library() is None or k.dtype != v.dtype or q.requires_grad
+            or k.dtype not in (torch.float32, torch.bfloat16) or k.shape != v.shape or k.shape[0] != b
+            or h % hk or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return None
+    visible = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            return None
+        visible = mask.expand(b, 1, 1, s).reshape(b, s).to(torch.uint8).contiguous()
+    qf = q.reshape(b, h, d).float().contiguous()
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    strides = torch.tensor([*k.stride()[:3], *v.stride()[:3]], dtype=torch.int64)
+    _state["lib"].qk_attend(qf.data_ptr(), k.data_ptr(), v.data_ptr(), k.dtype == torch.bfloat16,
+                            strides.data_ptr(), _ptr(visible), b, h, hk, s, d, d ** -0.5, out.data_ptr(),
+                            _threads())
+    return out.view(b, h, 1, d).to(q.dtype)
 
 
 def library() -> ctypes.CDLL | None:

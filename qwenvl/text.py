@@ -74,8 +74,15 @@ def logn_scale(position_ids: Tensor, seq_length: int) -> Tensor:
     return scale.float()[:, None, :, None]
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """QWenAttention's attention, [B, H, T, D] -> [B, H, T, D] (fast_paths swaps in a decode kernel per module)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class QWenAttention(nn.Module):
     """Multi-head attention: packed c_attn [q | k | v] with bias, RoPE, optional log-n, c_proj."""
+
+    attend = staticmethod(sdpa)
 
     def __init__(self, cfg: QWenConfig):
         super().__init__()
@@ -94,7 +101,7 @@ class QWenAttention(nn.Module):
             q = q * logn.to(q.dtype)
         if kv_cache is not None:
             k, v = kv_cache.write(layer, k, v)                                     # [B, H, S, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)              # [B, H, T, D]
+        out = self.attend(q, k, v, mask)                                           # [B, H, T, D]
         return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

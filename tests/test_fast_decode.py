@@ -270,6 +270,37 @@ def test_int8_vnni_kernel_keeps_non_finite_inputs_non_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, length", [(4, 4, 1), (4, 4, 37), (6, 2, 300), (3, 1, 17)])
+def test_decode_attention_kernel_equals_sdpa(dtype, heads, kv_heads, length):
+    """One query per row against views of a larger cache (the KV cache's layout), some keys hidden in row 1."""
+    if quant_kernels.library() is None:
+        pytest.skip("no compiled kernels")
+    torch.manual_seed(length)
+    q = torch.randn(2, heads, 1, 40).to(dtype)
+    k, v = (torch.randn(2, kv_heads, length + 9, 40).to(dtype)[:, :, :length] for _ in range(2))
+    mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :length // 2] = False
+    for m in (None, mask):
+        out = quant_kernels.decode_attention(q, k, v, m)
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m,
+                                               enable_gqa=True)
+        assert out.dtype == dtype and out.shape == q.shape
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8          # float32 sums; one rounding to bf16
+        torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+def test_decode_attention_kernel_declines_what_it_does_not_do():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    assert quant_kernels.decode_attention(q, k, k, None) is None                       # 3 queries: a prefill
+    q1 = q[:, :, :1]
+    assert quant_kernels.decode_attention(q1, k, k, torch.zeros(1, 1, 1, 5)) is None    # an additive float mask
+    assert quant_kernels.decode_attention(q1.half(), k.half(), k.half(), None) is None
+    if quant_kernels.library() is not None:
+        hidden = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+        assert quant_kernels.decode_attention(q1, k, k, hidden).isnan().all()        # softmax over nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_rotary_is_bit_identical(dtype):
     from qwenvl.qwen2_vl_fast import FastDecoder, rotate
     from qwenvl.text import apply_rope
