@@ -64,6 +64,9 @@ def add_quantize_parser(sub) -> None:
     quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
     quant.add_argument("--group-size", type=int, default=128, help="int4 group size (inputs per scale)")
     quant.add_argument("--asym", action="store_true", help="int4 with zero points instead of symmetric")
+    quant.add_argument("--calibration", type=Path, help="int4 by GPTQ: calibration samples in the fine-tune JSON "
+                       "format (conversations with Picture N: <img>…</img>); without it, round-to-nearest")
+    quant.add_argument("--calibration-samples", type=int, default=128, help="GPTQ: how many samples to use")
     quant.add_argument("--out", type=Path, required=True, help="folder for the quantized checkpoint")
 
 
@@ -135,6 +138,23 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def gptq_quantize(model, args: argparse.Namespace) -> dict:
+    """int4 by GPTQ on the --calibration samples (see gptq_quantize.py)."""
+    from .gptq_quantize import calibration_batches, collect_hessians, gptq_quantize_model
+    from .quantize import check_group_size
+    from .tokenizer import QWenTokenizer
+
+    if args.bits != 4:
+        raise ValueError("--calibration (GPTQ) is for --bits 4; int8 per output channel needs no calibration")
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration-samples {args.calibration_samples}: use at least 1")
+    check_group_size(model, args.group_size)                      # before the calibration pass, not after
+    tokenizer = QWenTokenizer.from_pretrained(args.model)
+    batches = calibration_batches(args.calibration, tokenizer, model.config.visual.image_size,
+                                  args.calibration_samples)
+    return gptq_quantize_model(model, collect_hessians(model, batches), args.group_size, sym=not args.asym)
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """Load in float32, swap the LLM linears, write config.json (+ scheme), weights, tokenizer, generation config."""
     import shutil
@@ -146,7 +166,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype="float32")
         if model.config.quantization_config:
             raise ValueError(f"{args.model} is already quantized ({model.config.quantization_config})")
-        scheme = quantize_model(model, args.bits, args.group_size, sym=not args.asym)
+        if args.calibration is not None:
+            scheme = gptq_quantize(model, args)
+        else:
+            scheme = quantize_model(model, args.bits, args.group_size, sym=not args.asym)
         save_checkpoint(model, args.out, load_generation_config(args.model))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -281,8 +281,7 @@ def check_group_size(model: nn.Module, group_size: int, lm_head: bool = False) -
     e.g. the demo model's c_proj reads 704 inputs: group 128 is refused with "use --group-size 64"."""
     if group_size < 2 or group_size % 2:
         raise ValueError(f"int4 group size {group_size}: use an even number (the official checkpoints use 128)")
-    widths = set()
-    swap_linears(model, lambda lin: widths.add(lin.in_features) or lin, lm_head)
+    widths = {linear.in_features for _, _, linear in iter_llm_linears(model, lm_head)}
     bad = sorted(w for w in widths if w % group_size)
     if bad:
         fits = [g for g in (128, 64, 32, 16) if g <= max(group_size, 16) and all(w % g == 0 for w in widths)]
@@ -311,26 +310,30 @@ def quantized_swap(model: nn.Module, quantization_config: dict) -> None:
     swap_linears(model, make, bool(cfg.get("lm_head", False)))
 
 
-def swap_linears(model: nn.Module, make: callable, lm_head: bool = False) -> int:
-    """Replace each LLM block linear (LLM_LINEARS in `transformer.h.*` for Qwen-VL, QWEN2_LINEARS in
-    `model.layers.*` for Qwen2-VL), and lm_head if asked, by `make(linear)`; returns the count."""
+def iter_llm_linears(model: nn.Module, lm_head: bool = False):
+    """(parent module, attribute name, linear) of each LLM block linear (LLM_LINEARS in `transformer.h.*` for
+    Qwen-VL, QWEN2_LINEARS in `model.layers.*` for Qwen2-VL), then lm_head if asked."""
     if hasattr(model, "transformer"):
         blocks, paths = model.transformer.h, LLM_LINEARS
     elif hasattr(model, "model") and hasattr(model.model, "layers"):
         blocks, paths = model.model.layers, QWEN2_LINEARS
     else:
         raise ValueError(f"{type(model).__name__} has neither transformer.h (Qwen-VL) nor model.layers (Qwen2-VL)")
-    count = 0
     for block in blocks:
         for path in paths:
             parent_name, name = path.split(".")
             parent = getattr(block, parent_name)
-            setattr(parent, name, make(getattr(parent, name)))
-            count += 1
+            yield parent, name, getattr(parent, name)
     if lm_head:
-        model.lm_head = make(model.lm_head)
-        count += 1
-    return count
+        yield model, "lm_head", model.lm_head
+
+
+def swap_linears(model: nn.Module, make: callable, lm_head: bool = False) -> int:
+    """Replace each LLM block linear (and lm_head if asked; see iter_llm_linears) by `make(linear)`; the count."""
+    found = list(iter_llm_linears(model, lm_head))
+    for parent, name, linear in found:
+        setattr(parent, name, make(linear))
+    return len(found)
 
 
 def gptq_swap(model: nn.Module, quantization_config: dict) -> None:

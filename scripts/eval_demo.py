@@ -45,7 +45,8 @@ as it did in stage 1 at 112 px; the resampler keeps its 64 queries.
 
 Quantization (`--quant`): the LLM block linears are swapped in memory by `qwenvl.quantize.quantize_model`, the
 code behind `qwenvl quantize` (int8 per output channel; int4 group-wise, symmetric, or with zero points as
-`int4-asym` = `--asym`); the ViT, adapter and lm_head stay float. The int4 group size is `qwenvl quantize`'s 128 where it divides every LLM linear's input
+`int4-asym` = `--asym`; `int4-gptq`: codes chosen by GPTQ on 128 samples of the training distribution, written
+to OUT/calibration, = `--calibration FILE`); the ViT, adapter and lm_head stay float. The int4 group size is `qwenvl quantize`'s 128 where it divides every LLM linear's input
 size; the demo model's MLP c_proj has 704 = 11 x 64 inputs, so it gets 64 (recorded in summary.json and stated
 above the table). A --group-size that does not divide them is refused before anything runs.
 
@@ -81,15 +82,18 @@ from qwenvl.evaluation.jsonio import DataError
 from qwenvl.evaluation.local import LocalModel
 from qwenvl.images import TRUSTED, load_image, preprocess_v1
 from qwenvl.model import QWenLMHeadModel
+from qwenvl.gptq_quantize import calibration_batches, collect_hessians, gptq_quantize_model
 from qwenvl.quantize import quantize_model
-from qwenvl.synthetic import write_eval_sets
+from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, make_sample, sample_rng,
+                              write_eval_sets)
 from qwenvl.tokenizer import QWenTokenizer
 from qwenvl.weights import load_config, load_model
 
 EVAL_SEED = 1234
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "int4-asym": 4}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "int4-asym": 4, "int4-gptq": 4}
 SYMMETRIC = {"int4-asym": False}                  # every other quantization is symmetric
-COLUMN = {"none": "float", "int8": "int8", "int4": "int4", "int4-asym": "int4-asym"}
+COLUMN = {"none": "float", "int8": "int8", "int4": "int4", "int4-asym": "int4-asym", "int4-gptq": "int4-gptq"}
+CALIBRATION = 128                 # int4-gptq: samples of the training distribution (stage 3's mix, seed 0)
 EN_CAPTION_PROMPT = "Describe the image in English:"  # the official prompt, as evaluation.datasets.read_caption asks
 ZH_CAPTION_PROMPT = "用中文描述这张图片："          # synthetic_tasks.CAPTION_PROMPTS["zh"][0]
 JAVA_MISSING = "CIDEr skipped: `java` is not on PATH (pycocoevalcap's PTB tokenizer and METEOR need a JRE, " \
@@ -157,8 +161,9 @@ class LocalModelAt(LocalModel):
 class Models:
     """Loads the checkpoint once per quantization, on first use (a finished run needs no model)."""
 
-    def __init__(self, model_dir: Path, group_size: int | None):
+    def __init__(self, model_dir: Path, group_size: int | None, calibration_dir: Path | None = None):
         self.model_dir, self.loaded, self.group_size = model_dir, {}, group_size    # group_size: int4 only
+        self.calibration_dir = calibration_dir                                       # int4-gptq only
         self.tokenizer = QWenTokenizer.from_pretrained(model_dir)
 
     def get(self, quant: str):
@@ -168,7 +173,12 @@ class Models:
             if QUANT_BITS[quant] is not None:
                 if model.config.quantization_config:
                     raise SystemExit(f"error: {self.model_dir} is already quantized; give a float checkpoint")
-                quantize_model(model, QUANT_BITS[quant], self.group_size, sym=SYMMETRIC.get(quant, True))
+                if quant == "int4-gptq":
+                    batches = calibration_batches(write_calibration(self.calibration_dir), self.tokenizer,
+                                                  model.config.visual.image_size, CALIBRATION)
+                    gptq_quantize_model(model, collect_hessians(model, batches), self.group_size)
+                else:
+                    quantize_model(model, QUANT_BITS[quant], self.group_size, sym=SYMMETRIC.get(quant, True))
             self.loaded[quant] = model
         return self.loaded[quant]
 
@@ -176,6 +186,23 @@ class Models:
         bits = QUANT_BITS[quant]
         return None if bits is None else {"bits": bits, "group_size": self.group_size if bits == 4 else None,
                                           "sym": SYMMETRIC.get(quant, True), "lm_head": False}
+
+
+def write_calibration(out: Path) -> Path:
+    """CALIBRATION training-distribution samples (stage 3's task mix, training seed 0, split "calibration": never
+    an eval sample) in the fine-tune format, written once under `out`; the file's path."""
+    path = out / "calibration.json"
+    if path.is_file():
+        return path
+    mix = STAGE_MIXES["stage3"]
+    samples = []
+    for i in range(CALIBRATION):
+        rng = sample_rng(0, "calibration", i)
+        task, lang = rng.choices(list(mix), weights=list(mix.values()))[0]
+        samples.append(make_sample(rng, task, lang, out / "images", out, f"c{i}", SceneSpec(**STAGE_SPECS["stage3"])))
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(samples, ensure_ascii=False))
+    return path
 
 
 def int4_group_size(model_dir: Path, requested: int | None = None) -> int:
@@ -351,7 +378,9 @@ def quant_note(quants: list[str], group_size: int | None) -> str:
     parts = {"int8": "int8 per output channel",
              "int4": f"int4 symmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size {group_size}`)",
              "int4-asym": f"int4 asymmetric, group size {group_size} (`qwenvl quantize --bits 4 --group-size "
-                          f"{group_size} --asym`)"}
+                          f"{group_size} --asym`)",
+             "int4-gptq": f"int4 symmetric by GPTQ on {CALIBRATION} training-distribution samples, group size "
+                          f"{group_size} (`qwenvl quantize --bits 4 --calibration FILE`)"}
     said = [parts[q] for q in quants if q in parts]
     return ("Quantized: " + "; ".join(said) + "; LLM block linears only (ViT, adapter, lm_head float).\n\n"
             if said else "")
@@ -397,11 +426,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    group = int4_group_size(args.model, args.group_size) if {"int4", "int4-asym"} & set(args.quant) else None
+    int4 = {"int4", "int4-asym", "int4-gptq"} & set(args.quant)
+    group = int4_group_size(args.model, args.group_size) if int4 else None
     t_data = time.monotonic()
     ensure_data(args.out / "data", args.seed, args.n)
     data_minutes = (time.monotonic() - t_data) / 60
-    models = Models(args.model, group)
+    models = Models(args.model, group, args.out / "calibration")
     native = json.loads((args.model / "config.json").read_text())["visual"]["image_size"]
     sets = [s for s in SETS if not args.sets or s.name in args.sets]
     jobs = [(q, s, native) for q in args.quant for s in sets]
