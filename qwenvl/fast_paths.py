@@ -5,8 +5,8 @@
     step = fast_step(model)            # Qwen2-VL: the decode step to pass as generate's `step=`; else None
 
 What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
-    * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 decode GEMVs run on the compiled
-      kernel; float32 weights, prefill rows and anything needing gradients still go to F.linear.
+    * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 and float32 decode GEMVs run on
+      the compiled kernel; prefill rows and anything needing gradients still go to F.linear.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
     * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
       decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
