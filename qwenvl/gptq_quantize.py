@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .quantize import Int4Linear, check_group_size, iter_llm_linears, pack_int4, quantize_int4
+from .quantize import Int4Linear, check_group_size, iter_llm_linears, quantize_int4
 
 DAMP = 0.01                      # the paper's percdamp
 MAX_HESSIAN_BYTES = 4 * 2**30    # one-pass calibration keeps every Hessian at once
@@ -114,14 +114,7 @@ def gptq_codes(weight: Tensor, hessian: Tensor, group_size: int, sym: bool) -> t
 
 
 def gptq_linear(linear: nn.Linear, hessian: Tensor, group_size: int, sym: bool) -> Int4Linear:
-    out = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group_size, sym)
-    codes, scales, zeros = gptq_codes(linear.weight, hessian, group_size, sym)
-    out.qweight.copy_(pack_int4(codes))
-    out.scales.copy_(scales)
-    out.zeros.copy_(zeros)
-    if linear.bias is not None:
-        out.bias = linear.bias.detach().float().clone()
-    return out
+    return Int4Linear.from_codes(linear, *gptq_codes(linear.weight, hessian, group_size, sym), group_size, sym)
 
 
 def gptq_quantize_model(model: nn.Module, hessians: dict[nn.Module, Tensor], group_size: int = 128,

@@ -162,13 +162,17 @@ class Int8Linear(nn.Module):
         return self.reference_forward(x) if y is None else y
 
 
+def check_int4_width(in_features: int, group_size: int) -> None:
+    if in_features % group_size or in_features % 2:
+        raise ValueError(f"int4 needs {in_features=} divisible by {group_size=} (and even)")
+
+
 class Int4Linear(nn.Module):
     """Group-wise int4 weights (symmetric or asymmetric), two codes per byte."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128, sym: bool = True):
         super().__init__()
-        if in_features % group_size or in_features % 2:
-            raise ValueError(f"int4 needs {in_features=} divisible by {group_size=} (and even)")
+        check_int4_width(in_features, group_size)
         self.in_features, self.out_features, self.group_size, self.sym = in_features, out_features, group_size, sym
         groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
@@ -178,11 +182,19 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = True) -> "Int4Linear":
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, sym)
+        """Round-to-nearest codes (quantize_int4's clip search)."""
+        check_int4_width(linear.in_features, group_size)
         # Row chunks bound the clip search's temporaries (a 151936-row lm_head would need ~10 float copies).
         chunks = [quantize_int4(w.float(), group_size, sym) for w in linear.weight.detach().split(8192)]
-        q, scales, zeros = (torch.cat(parts) for parts in zip(*chunks))
-        out.qweight.copy_(pack_int4(q))
+        codes, scales, zeros = (torch.cat(parts) for parts in zip(*chunks))
+        return cls.from_codes(linear, codes, scales, zeros, group_size, sym)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   sym: bool) -> "Int4Linear":
+        """The layer for codes [out, in] (0..15), scales / zeros [out, G] chosen for `linear` (whose bias it keeps)."""
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, sym)
+        out.qweight.copy_(pack_int4(codes))
         out.scales.copy_(scales)
         out.zeros.copy_(zeros)
         if linear.bias is not None:

@@ -67,18 +67,23 @@ def v2_dir(tmp_path_factory):
     return d
 
 
+def count_kernel_results(monkeypatch, name: str) -> list[int]:
+    """[n]: how often quant_kernels.<name> returned a result (not None: it applied) from now on."""
+    calls, kernel = [0], getattr(quant_kernels, name)
+
+    def spy(*args):
+        out = kernel(*args)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(quant_kernels, name, spy)
+    return calls
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """How often the compiled dense GEMV computed a FastLinear's output (0 without the compiled kernels)."""
-    calls, dense = [0], quant_kernels.dense_linear
-
-    def spy(*args):
-        y = dense(*args)
-        calls[0] += y is not None
-        return y
-
-    monkeypatch.setattr(quant_kernels, "dense_linear", spy)
-    return calls
+    return count_kernel_results(monkeypatch, "dense_linear")
 
 
 @pytest.fixture
@@ -102,15 +107,7 @@ def n_fast_linears(model: nn.Module) -> int:
 @pytest.fixture
 def attention_calls(monkeypatch):
     """How often the decode-attention kernel computed a Qwen-VL attention (0 without the compiled kernels)."""
-    calls, kernel = [0], quant_kernels.decode_attention
-
-    def spy(*args):
-        out = kernel(*args)
-        calls[0] += out is not None
-        return out
-
-    monkeypatch.setattr(quant_kernels, "decode_attention", spy)
-    return calls
+    return count_kernel_results(monkeypatch, "decode_attention")
 
 
 def test_v1_chat_greedy_answer_is_the_same_with_the_fast_paths(v1_dir, kernel_calls, attention_calls):
