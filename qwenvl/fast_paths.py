@@ -44,7 +44,6 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
     from .qwen2_vl import Qwen2VL
     from .qwen2_vl_fast import FastDecoder
-
     from .text import QWenAttention
 
     if not fast_enabled(fast):

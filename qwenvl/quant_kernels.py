@@ -33,9 +33,9 @@ call), `_weight_int8pack_mm` 60-80% for int8, and there is no stock kernel for t
 GPTQ layouts. These kernels reach 80-115% (int8) and 55-95% (int4) of a 1 GiB tensor sum's bandwidth on the
 2B model's MLP and lm_head shapes, less on small layers (a 256 x 1536 one is mostly the ~20 us of Python and
 ctypes per call); int4 is bound by unpacking the nibbles there (benchmarks/bench_quant.py: whole models).
-On an AMD EPYC (Zen 4, AVX512-VNNI and -BF16, 2 threads) the row-sequential kernels with the VNNI int8 path took
-the 2B-shaped decode from 8.5 to 11.8 tok/s (int8) and 11.0 to 17.3 (int4) in bench_quant.py; a lone int8 GEMV
-streams from memory at ~85-90% of a plain read loop's bandwidth.
+On an AMD EPYC (Zen 4, AVX512-VNNI and -BF16, 2 threads) the row-sequential kernels (4 rows at a time for inputs
+longer than 4096) with the VNNI int8 path took the 2B-shaped decode of bench_quant.py from 8.5 to 14-17 tok/s
+(int8) and from 11.0 to 20-21 (int4); a lone int8 GEMV streams from memory at ~85-90% of a plain read loop.
 
 The library is compiled with the C++ compiler found on PATH ($CXX, c++, g++, clang++) for the vector width
 torch reports for this CPU, cached under $QWENVL_KERNEL_CACHE (default ~/.cache/qwenvl/kernels) keyed by the
