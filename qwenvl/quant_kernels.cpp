@@ -16,7 +16,7 @@
 // Products and sums are float32; int4 zero points are applied once per group through the group sums of x:
 //     sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k).
 // With AVX512-VNNI (QK_VNNI), int8 weights meet x split into two int16 halves (see split16): integer multiply-adds
-// of 32 weights per instruction, 30 bits of x, float32 accuracy at a third of the instructions.
+// of 32 weights per instruction with exact integer sums: float32 accuracy at a third of the instructions.
 // Built by quant_kernels.py with the vector width of the CPU (QK_LANES: 16 for AVX-512, 8 for AVX2, else 4).
 #include <algorithm>
 #include <cmath>

@@ -18,7 +18,7 @@ ops on every call (several float copies of the weight, written then read). Here:
   * with bfloat16 x, one row and int4 groups of a multiple of 64, on a CPU with AVX512-BF16: the codes become exact
     bf16 values by a table lookup and vdpbf16ps adds their exact products with x in float32 (half the instructions
     of converting codes to float; `bf16_dot(False)` turns it off).
-  * int8 on a CPU with AVX512-VNNI: each row of x is split into two int16 halves (x = s (hi + lo / 32768), 30 bits)
+  * int8 on a CPU with AVX512-VNNI: each row of x is split into two int16 halves (x = s (hi + lo / 32768), to 2^-24)
     and vpdpwssd multiplies 32 codes per instruction with each; the integer sums are exact, so the result is as
     accurate as float32 arithmetic (`int8_vnni(False)` turns it off).
 
