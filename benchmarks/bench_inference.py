@@ -23,7 +23,8 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
 Definitions (encode and prefill: the best of 2 calls): encode = the vision tower on preprocessed pixels; prefill = one forward over the prompt with pixels,
 minus encode; time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
 decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roofline = read bandwidth (1 GiB tensor
-sum, measure.py, same thread count) / weight bytes read per decoded token (all LLM tensors as stored, one embedding
+sum, measure.py, same thread count, measured right after each case's decode: a shared host's bandwidth wanders) /
+weight bytes read per decoded token (all LLM tensors as stored, one embedding
 row, the tied lm_head once). Peak memory = peak RSS during the case (reset with /proc/self/clear_refs) minus the RSS
 before it (freed memory handed back to the OS first), against weight bytes (whole model) + KV cache. Matmul peak = torch's [1024 x 1280] @ [1280 x 5120].
 """
@@ -133,11 +134,14 @@ def start_case() -> float:
     return rss_gib()[0]
 
 
-def finish(row: dict, model, baseline: float, kv_bytes: int, tok_s: float, bandwidth: float) -> dict:
+def finish(row: dict, model, baseline: float, kv_bytes: int, tok_s: float) -> dict:
+    """The row's memory and roofline numbers. The read bandwidth is measured right after the case's decode (this
+    host's bandwidth wanders by 2x from minute to minute), once its peak memory has been read."""
     nbytes, wbytes = decode_bytes(model), weight_bytes(model)
     peak = (rss_gib()[1] - baseline) * 2**30
+    bandwidth = stream_bandwidth()
     row.update(decode_tok_s=tok_s, weight_GB=wbytes / 1e9, decode_GB_per_token=nbytes / 1e9,
-               roofline_tok_s=bandwidth / nbytes, roofline_share=tok_s * nbytes / bandwidth,
+               bandwidth_GBps=bandwidth / 1e9, roofline_tok_s=bandwidth / nbytes, roofline_share=tok_s * nbytes / bandwidth,
                kv_cache_GB=kv_bytes / 1e9, peak_GB=peak / 1e9, peak_vs_weights_kv=peak / (wbytes + kv_bytes))
     print("   " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     return row
@@ -172,7 +176,7 @@ def build_qwenvl(mode: str, ckpt: Path, raw: dict) -> Qwen2VL:
 
 
 @torch.no_grad()
-def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image, bandwidth: float) -> dict:
+def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image) -> dict:
     baseline = start_case()
     model, load_s = timed_call(lambda: build_qwenvl(mode, ckpt, raw))
     decoder = FastDecoder(model)
@@ -188,7 +192,7 @@ def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image, bandwidth: 
     times = token_times(generate_stream(model, ids, params, vision=vision, kv_cache=cache, step=decoder.step))
     row = {"library": "qwenvl", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s, "encode_s": encode_s,
            "prefill_s": forward_s - encode_s, "ttft_s": times[0] - t0 - preprocess_s}
-    return finish(row, model, baseline, cache.nbytes(), rate(times), bandwidth)
+    return finish(row, model, baseline, cache.nbytes(), rate(times))
 
 
 # --------------------------------------------------------------------------- transformers, Qwen2-VL
@@ -221,7 +225,7 @@ def clock_streamer():
 
 
 @torch.no_grad()
-def run_transformers(mode: str, ckpt: Path, image: Image.Image, bandwidth: float) -> dict:
+def run_transformers(mode: str, ckpt: Path, image: Image.Image) -> dict:
     from transformers import Qwen2VLForConditionalGeneration
 
     baseline = start_case()
@@ -245,7 +249,7 @@ def run_transformers(mode: str, ckpt: Path, image: Image.Image, bandwidth: float
         4 if mode == "fp32" else 2)
     row = {"library": "transformers", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s,
            "encode_s": encode_s, "prefill_s": forward_s - encode_s, "ttft_s": clock.times[0] - t0 - preprocess_s}
-    return finish(row, model, baseline, kv_bytes, rate(clock.times), bandwidth)
+    return finish(row, model, baseline, kv_bytes, rate(clock.times))
 
 
 # --------------------------------------------------------------------------- qwenvl, Qwen-VL-Chat
@@ -262,7 +266,7 @@ def build_qwen_vl(mode: str) -> QWenLMHeadModel:
 
 
 @torch.no_grad()
-def run_qwen_vl(mode: str, image: Image.Image, bandwidth: float) -> dict:
+def run_qwen_vl(mode: str, image: Image.Image) -> dict:
     baseline = start_case()
     model, load_s = timed_call(lambda: build_qwen_vl(mode))
     vis = model.config.visual
@@ -280,7 +284,7 @@ def run_qwen_vl(mode: str, image: Image.Image, bandwidth: float) -> dict:
     kv_bytes = 2 * model.config.num_hidden_layers * model.config.hidden_size * (ids.shape[1] + STEPS + 1) * 2
     row = {"library": "qwenvl", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s, "encode_s": encode_s,
            "prefill_s": forward_s - encode_s, "ttft_s": times[0] - t0 - preprocess_s}
-    return finish(row, model, baseline, kv_bytes, rate(times), bandwidth)
+    return finish(row, model, baseline, kv_bytes, rate(times))
 
 
 # --------------------------------------------------------------------------- FLOPs (for the matmul-peak share)
@@ -320,13 +324,13 @@ def main() -> None:
     print(f"Qwen2-VL-2B shapes ({layers}), {IMAGE_PX}px image + {TEXT_TOKENS} text tokens, {STEPS} steps", flush=True)
     for mode in ("fp32", "bf16") if not args.skip_transformers else ():
         print(f" transformers {mode}", flush=True)
-        results["qwen2_vl_2b"].append(run_transformers(mode, ckpt, image, bandwidth))
+        results["qwen2_vl_2b"].append(run_transformers(mode, ckpt, image))
     for mode in args.modes:
         print(f" qwenvl {mode}", flush=True)
-        results["qwen2_vl_2b"].append(run_qwenvl(mode, ckpt, raw, image, bandwidth))
+        results["qwen2_vl_2b"].append(run_qwenvl(mode, ckpt, raw, image))
     for mode in ("bf16", "int4") if not args.skip_qwen_vl else ():
         print(f" Qwen-VL-Chat qwenvl {mode}", flush=True)
-        results["qwen_vl_chat"].append(run_qwen_vl(mode, image, bandwidth))
+        results["qwen_vl_chat"].append(run_qwen_vl(mode, image))
     n_tokens = TEXT_TOKENS + 2 + (IMAGE_PX // 28) ** 2
     results["flops"] = dict(zip(("encode", "prefill"), qwen2_flops(raw, (IMAGE_PX // 14) ** 2, n_tokens)))
     results["ratios"] = ratios(results)
@@ -360,12 +364,12 @@ def ratios(results: dict) -> dict:
 
 def report(results: dict, layers: str) -> None:
     head = (f"{'model':<14}{'library':<14}{'mode':<6}{'encode s':>9}{'prefill s':>10}{'TTFT s':>8}{'tok/s':>8}"
-            f"{'roofline':>9}{'share':>7}{'peak GB':>8}{'/(W+KV)':>8}")
+            f"{'GB/s':>6}{'roofline':>9}{'share':>7}{'peak GB':>8}{'/(W+KV)':>8}")
     print("\n" + head)
     for model, key in (("Qwen2-VL-2B", "qwen2_vl_2b"), ("Qwen-VL-Chat", "qwen_vl_chat")):
         for r in results[key]:
             print(f"{model:<14}{r['library']:<14}{r['mode']:<6}{r['encode_s']:>9.2f}{r['prefill_s']:>10.2f}"
-                  f"{r['ttft_s']:>8.2f}{r['decode_tok_s']:>8.2f}{r['roofline_tok_s']:>9.2f}"
+                  f"{r['ttft_s']:>8.2f}{r['decode_tok_s']:>8.2f}{r['bandwidth_GBps']:>6.1f}{r['roofline_tok_s']:>9.2f}"
                   f"{100 * r['roofline_share']:>6.0f}%{r['peak_GB']:>8.2f}{r['peak_vs_weights_kv']:>8.2f}")
     print(f"(Qwen2-VL: {layers}; Qwen-VL-Chat: "
           f"{2 if args.quick else args.qwen_vl_layers} LM / {2 if args.quick else 48} ViT layers)")

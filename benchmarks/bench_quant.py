@@ -16,7 +16,8 @@ everything else (embedding, norms, activations, KV cache) is bf16. Greedy decodi
 
 Roofline: the bytes of weights one decode step reads (every linear weight with its scales and zero points as the
 kernel reads them, the norms, one embedding row; the KV cache of the short context is left out) over the read
-bandwidth of a 1 GiB float32 tensor sum measured in the same run at the same thread count:
+bandwidth of a 1 GiB float32 tensor sum measured at the same thread count right after each mode's decode (a shared
+host's bandwidth wanders by 2x from minute to minute; the GB/s column shows each mode's):
     roofline tok/s = bandwidth / bytes per token,   share = measured tok/s / roofline tok/s.
 
 --qwen-vl builds Qwen-VL-Chat's shapes (LM 32 x 4096, MLP 11008, vocab 151936; ViT-bigG 48 x 1664 at 448 px) with
@@ -188,19 +189,21 @@ else:
         model = qwen2_2b(mode)
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         tok_s, nbytes = decode_speed(model, dtype), decode_bytes(model)
-        rows[mode] = {"tok_s": tok_s, "weight_GB_per_token": nbytes / 1e9, "roofline_tok_s": bandwidth / nbytes,
-                      "roofline_share": tok_s * nbytes / bandwidth}
+        now = stream_bandwidth()                     # right after the decode: this host's bandwidth wanders
+        rows[mode] = {"tok_s": tok_s, "weight_GB_per_token": nbytes / 1e9, "bandwidth_GBps": now / 1e9,
+                      "roofline_tok_s": now / nbytes, "roofline_share": tok_s * nbytes / now}
         print(f"  {mode}: {tok_s:.2f} tok/s")
         if mode == "bf16":
             results["outside_linears_ms_per_token"] = 1000 / decode_speed(stub_linears(model), dtype)
         del model
         gc.collect()
-    print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'roofline':>10}{'share':>8}{'x bf16':>8}")
+    print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'GB/s':>7}{'roofline':>10}{'share':>8}{'x bf16':>8}")
     for mode, row in rows.items():
         if "bf16" in rows:
             row["vs_bf16"] = row["tok_s"] / rows["bf16"]["tok_s"]
         print(f"{mode:<6}{row['weight_GB_per_token']:>10.2f}{row['tok_s']:>9.2f}{1000 / row['tok_s']:>10.1f}"
-              f"{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%{row.get('vs_bf16', 0):>8.2f}")
+              f"{row['bandwidth_GBps']:>7.1f}{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%"
+              f"{row.get('vs_bf16', 0):>8.2f}")
     if "outside_linears_ms_per_token" in results:
         print(f"time outside the linears (all linears stubbed, bf16): {results['outside_linears_ms_per_token']:.1f} "
               f"ms/token: norms, RoPE, attention, the Python around them")
