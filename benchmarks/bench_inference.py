@@ -11,8 +11,8 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
 
     transformers  Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=fp32|bf16, sdpa), its own image
                   processor (PIL backend), generate() with its default (dynamic) cache; a streamer times each token.
-    qwenvl        fp32 / bf16: qwen2_vl_weights.load_model(ckpt, dtype) + FastLinear + FastDecoder (fused projections,
-                  static KV cache); int8 / int4 (LM linears and lm_head; ViT and embedding bf16): built directly in
+    qwenvl        fp32 / bf16: qwen2_vl_weights.load_model(ckpt, dtype) + fast_paths (FastLinear; FastDecoder with fused
+                  projections and the static KV cache); int8 / int4 (LM linears and lm_head; ViT and embedding bf16): built directly in
                   quantized form with random codes (as bench_quant.py), since quantizing 1.5 B weights to int4 takes
                   minutes and a quantized checkpoint would load the same bytes.
     Qwen-VL-Chat  qwenvl alone (no transformers implementation): LM 4096 wide, MLP 11008, vocab 151936; ViT-bigG
@@ -56,8 +56,7 @@ from PIL import Image
 
 from qwenvl import quant_kernels
 from qwenvl.config import QWenConfig
-from qwenvl.fast_linear import use_fast_linears
-from qwenvl.fast_paths import use_fast_paths
+from qwenvl.fast_paths import fast_step, use_fast_paths
 from qwenvl.generation import generate_stream as v1_generate_stream
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
@@ -65,7 +64,6 @@ from qwenvl.processor import preprocess_images
 from qwenvl.quantize import quantized_swap
 from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
 from qwenvl.qwen2_vl_config import PRESETS, Qwen2VLConfig
-from qwenvl.qwen2_vl_fast import FastDecoder
 from qwenvl.qwen2_vl_generation import VisionInputs, generate_stream
 from qwenvl.qwen2_vl_weights import load_model, save_checkpoint
 from qwenvl.sampling import SamplingParams
@@ -165,21 +163,19 @@ def rate(times: list[float]) -> float:
 
 # --------------------------------------------------------------------------- qwenvl, Qwen2-VL
 def build_qwenvl(mode: str, ckpt: Path, raw: dict) -> Qwen2VL:
+    """The model as users get it: loaded (or built quantized), then qwenvl.fast_paths switched on."""
     if mode in QUANT:
         with torch.device("meta"):
             model = Qwen2VL(Qwen2VLConfig.from_dict(raw))
             quantized_swap(model, QUANT[mode])
-        return materialise(model, torch.bfloat16, torch.Generator().manual_seed(0))
-    model = load_model(ckpt, dtype=DTYPES[mode])
-    use_fast_linears(model)
-    return model
+        return use_fast_paths(materialise(model, torch.bfloat16, torch.Generator().manual_seed(0)))
+    return use_fast_paths(load_model(ckpt, dtype=DTYPES[mode]))
 
 
 @torch.no_grad()
 def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image) -> dict:
     baseline = start_case()
     model, load_s = timed_call(lambda: build_qwenvl(mode, ckpt, raw))
-    decoder = FastDecoder(model)
     patches, grid = preprocess_images([image])
     ids = qwen2_prompt(model.config, patches.shape[0] // 4)
     encode_s = best_of(lambda: model.encode_vision(patches, grid))
@@ -189,7 +185,7 @@ def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image) -> dict:
     t0 = time.perf_counter()
     preprocess_s = timed(lambda: preprocess_images([image]))
     vision = VisionInputs(*preprocess_images([image]))
-    times = token_times(generate_stream(model, ids, params, vision=vision, kv_cache=cache, step=decoder.step))
+    times = token_times(generate_stream(model, ids, params, vision=vision, kv_cache=cache, step=fast_step(model)))
     row = {"library": "qwenvl", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s, "encode_s": encode_s,
            "prefill_s": forward_s - encode_s, "ttft_s": times[0] - t0 - preprocess_s}
     return finish(row, model, baseline, cache.nbytes(), rate(times))

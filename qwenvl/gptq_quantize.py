@@ -60,11 +60,11 @@ def collect_hessians(model: nn.Module, batches: Iterable[dict], lm_head: bool = 
                          f"round-to-nearest (qwenvl quantize without --calibration)")
     sums = {lin: torch.zeros(lin.in_features, lin.in_features) for lin in linears}
     rows = {lin: 0 for lin in linears}
-    keep: list[Tensor | None] = [None]                          # the current batch's real positions [B, T]
+    real: Tensor | None = None                                   # the current batch's real positions [B, T]
 
     def hook(module, inputs, _output):
         x = inputs[0].detach().float()
-        x = x[keep[0]] if keep[0] is not None and x.shape[:2] == keep[0].shape else x.reshape(-1, x.shape[-1])
+        x = x[real] if real is not None and x.shape[:2] == real.shape else x.reshape(-1, x.shape[-1])
         sums[module].addmm_(x.T, x)
         rows[module] += x.shape[0]
 
@@ -73,7 +73,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[dict], lm_head: bool = 
         with torch.no_grad():
             for batch in batches:
                 mask = batch.get("attention_mask")
-                keep[0] = None if mask is None else mask.bool()
+                real = None if mask is None else mask.bool()
                 model(**batch)
     finally:
         for h in handles:
