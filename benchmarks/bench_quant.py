@@ -12,12 +12,14 @@ heads, MLP 8960, vocab 151936), random weights, the vision tower cut to one bloc
 bf16 keep lm_head tied to the embedding, as the 2B model does. int8 / int4 quantize every decoder linear and
 lm_head (int8 per output channel; int4 group 128, symmetric), built directly in quantized form with random codes;
 everything else (embedding, norms, activations, KV cache) is bf16. Greedy decoding of `--steps` tokens after a
-16-token prompt; the first two steps are a warm-up (they load the kernels and build per-layer caches).
+16-token prompt; the first two steps are a warm-up (they load the kernels and build per-layer caches). All modes are
+built first and decoded in turn, `--rounds` times: the table holds medians over rounds, and "x bf16" is the median of
+each round's ratio (modes timed a minute apart on a shared host can differ by 2x for the host's reasons alone).
 
 Roofline: the bytes of weights one decode step reads (every linear weight with its scales and zero points as the
 kernel reads them, the norms, one embedding row; the KV cache of the short context is left out) over the read
 bandwidth of a 1 GiB float32 tensor sum measured at the same thread count right after each mode's decode (a shared
-host's bandwidth wanders by 2x from minute to minute; the GB/s column shows each mode's):
+host's bandwidth wanders by 2x from minute to minute; the GB/s column shows each mode's median):
     roofline tok/s = bandwidth / bytes per token,   share = measured tok/s / roofline tok/s.
 
 --qwen-vl builds Qwen-VL-Chat's shapes (LM 32 x 4096, MLP 11008, vocab 151936; ViT-bigG 48 x 1664 at 448 px) with
@@ -32,6 +34,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from bench_models import materialise
@@ -63,6 +66,7 @@ parser.add_argument("--qwen-vl", action="store_true", help="the Qwen-VL-Chat-sha
 parser.add_argument("--format", choices=["gptq", "int4"], default="gptq",
                     help="--qwen-vl: the LM linears as GPTQLinear (official Int4 layout) or our Int4Linear")
 parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 32; 8 with --qwen-vl)")
+parser.add_argument("--rounds", type=int, default=3, help="every mode in turn, this many times")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 parser.add_argument("--json", type=Path, default=Path("out/bench_quant.json"))
 args = parser.parse_args()
@@ -146,6 +150,18 @@ def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def summarise(runs: list[tuple[float, float]], nbytes: int, bf16: list[tuple[float, float]] | None) -> dict:
+    """Medians over rounds of (tok/s, bandwidth): speed, roofline share, and the speed over bf16's in the same round."""
+    tok_s = [t for t, _ in runs]
+    shares = [t * nbytes / bw for t, bw in runs]
+    row = {"tok_s": median(tok_s), "tok_s_rounds": tok_s, "weight_GB_per_token": nbytes / 1e9,
+           "bandwidth_GBps": median(bw for _, bw in runs) / 1e9,
+           "roofline_tok_s": median(bw / nbytes for _, bw in runs), "roofline_share": median(shares), "shares": shares}
+    if bf16 is not None:
+        row["vs_bf16"] = median(t / b for (t, _), (b, _) in zip(runs, bf16))
+    return row
+
+
 # --------------------------------------------------------------------------- run
 t0 = time.perf_counter()
 lib = quant_kernels.library()
@@ -183,28 +199,25 @@ if args.qwen_vl:
         "roofline_share": share, "image_encode_s": image_s}
 else:
     layers = 4 if args.quick else 28
-    print(f"Qwen2-VL-2B-sized LLM ({layers} of 28 layers), batch 1, {steps} greedy decode steps")
-    rows = {}
-    for mode in args.modes:
-        model = qwen2_2b(mode)
-        dtype = torch.float32 if mode == "fp32" else torch.bfloat16
-        tok_s, nbytes = decode_speed(model, dtype), decode_bytes(model)
-        now = stream_bandwidth()                     # right after the decode: this host's bandwidth wanders
-        rows[mode] = {"tok_s": tok_s, "weight_GB_per_token": nbytes / 1e9, "bandwidth_GBps": now / 1e9,
-                      "roofline_tok_s": now / nbytes, "roofline_share": tok_s * nbytes / now}
-        print(f"  {mode}: {tok_s:.2f} tok/s")
-        if mode == "bf16":
-            results["outside_linears_ms_per_token"] = 1000 / decode_speed(stub_linears(model), dtype)
-        del model
-        gc.collect()
-    print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'GB/s':>7}{'roofline':>10}{'share':>8}{'x bf16':>8}")
+    print(f"Qwen2-VL-2B-sized LLM ({layers} of 28 layers), batch 1, {steps} greedy decode steps; {args.rounds} rounds "
+          f"of every mode in turn (medians: the host's speed drifts, so each round's ratios are taken within it)")
+    models = {mode: qwen2_2b(mode) for mode in args.modes}           # all at once: ~12 GB at full depth
+    nbytes = {mode: decode_bytes(model) for mode, model in models.items()}
+    runs = {mode: [] for mode in models}                             # per round: (tok/s, bandwidth just after)
+    for r in range(args.rounds):
+        for mode, model in models.items():
+            tok_s = decode_speed(model, torch.float32 if mode == "fp32" else torch.bfloat16)
+            runs[mode].append((tok_s, stream_bandwidth()))
+        print(f"  round {r + 1}: " + ", ".join(f"{mode} {runs[mode][-1][0]:.2f}" for mode in models) + " tok/s")
+    rows = {mode: summarise(runs[mode], nbytes[mode], runs.get("bf16")) for mode in models}
+    print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'GB/s':>7}{'roofline':>10}{'share':>8}{'x bf16':>8}"
+          f"   (medians of {args.rounds} rounds; share range)")
     for mode, row in rows.items():
-        if "bf16" in rows:
-            row["vs_bf16"] = row["tok_s"] / rows["bf16"]["tok_s"]
         print(f"{mode:<6}{row['weight_GB_per_token']:>10.2f}{row['tok_s']:>9.2f}{1000 / row['tok_s']:>10.1f}"
               f"{row['bandwidth_GBps']:>7.1f}{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%"
-              f"{row.get('vs_bf16', 0):>8.2f}")
-    if "outside_linears_ms_per_token" in results:
+              f"{row.get('vs_bf16', 0):>8.2f}   ({100 * min(row['shares']):.0f}-{100 * max(row['shares']):.0f}%)")
+    if "bf16" in models:
+        results["outside_linears_ms_per_token"] = 1000 / decode_speed(stub_linears(models["bf16"]), torch.bfloat16)
         print(f"time outside the linears (all linears stubbed, bf16): {results['outside_linears_ms_per_token']:.1f} "
               f"ms/token: norms, RoPE, attention, the Python around them")
     results["qwen2_vl_2b" + ("_quick" if args.quick else "")] = rows
