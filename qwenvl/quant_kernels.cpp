@@ -8,6 +8,7 @@
 //                       W[n, k] = scale[n, g] * (q[n, k] - zero[n, g]),  g = k / group
 //          GPTQLinear   the same, on its int32 words stored transposed (see GPTQLinear.kernel_tensors)
 // qk_dense FastLinear   w bfloat16 or float32 [N, K] (torch's own GEMV reads bf16 at half the float32 speed)
+// qk_attend, qk_add_rms_norm, qk_rope, qk_silu_mul: the attention and elementwise glue of a decode step
 //
 // Decode is bound by reading the weights once. Each thread takes a contiguous range of output rows and reads their
 // weights front to back, one sequential stream the hardware prefetcher follows; every decoded weight vector serves up
@@ -521,6 +522,87 @@ extern "C" void qk_dense(const void* x, int64_t M, int64_t K, const void* w, int
   if (w_bf16) float_matvec(xf, M, K, static_cast<const uint16_t*>(w), nullptr, bias, yf, N, threads);
   else float_matvec(xf, M, K, static_cast<const float*>(w), nullptr, bias, yf, N, threads);
   if (bf16) store_bf16(yf, M * N, y);
+}
+
+// ------------------------------------------------------------------------------------------ decode-step glue
+// The elementwise work between the linears of a decode step (qwen2_vl_fast.FastDecoder), one call each instead of
+// 4-10 framework ops on a few thousand numbers (each op ~2-20 us of dispatch on this CPU). Values are rounded where
+// the reference rounds them (bfloat16 after every op that returns bf16), computed in float32 in between.
+template <typename T> static inline float get(const T* p, int64_t i) { return scalar_w(p[i]); }
+static inline void put(float* p, int64_t i, float v) { p[i] = v; }
+static inline void put(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
+static inline float round_as(const float*, float v) { return v; }
+static inline float round_as(const uint16_t*, float v) { return scalar_w(to_bf16(v)); }
+
+// h [rows, C] += delta (skipped when null), then normed = rms_norm(h) * weight as text.RMSNorm computes it:
+// float32 norm, rounded to h's dtype, times the weight (rounded again).
+template <typename T>
+static void add_rms_norm(T* h, const T* delta, const T* weight, int64_t rows, int64_t C, float eps, T* normed) {
+  for (int64_t r = 0; r < rows; r++) {
+    T* x = h + r * C;
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; c++) {
+      const float v = delta ? round_as(x, get(x, c) + get(delta + r * C, c)) : get(x, c);
+      if (delta) put(x, c, v);
+      ss += v * v;
+    }
+    const float inv = 1.f / std::sqrt(ss / (float)C + eps);
+    for (int64_t c = 0; c < C; c++) put(normed + r * C, c, round_as(x, get(x, c) * inv) * get(weight, c));
+  }
+}
+
+// out [B, H, D] = x * cos + [x2, x1] * signed_sin per row of D (qwen2_vl_fast.rotate), x [B, H, D] with batch stride
+// xb (rows of D contiguous), cos / signed_sin [B, D] float32. Two rounded products, then their sum, as torch computes
+// it: GCC would fuse them into one multiply-add (other bits), so contraction is off here (clang does not fuse across
+// statements by default).
+#if defined(__GNUC__) && !defined(__clang__)
+#define QK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define QK_NO_CONTRACT
+#endif
+template <typename T>
+QK_NO_CONTRACT static void rope(const T* x, int64_t xb, int64_t B, int64_t H, int64_t D, const float* cos, const float* ssin, T* out) {
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t hh = 0; hh < H; hh++) {
+      const T* xr = x + b * xb + hh * D;
+      T* o = out + (b * H + hh) * D;
+      for (int64_t d = 0; d < D; d++) {
+        const float a = get(xr, d) * cos[b * D + d];
+        const float s = get(xr, d < half ? d + half : d - half) * ssin[b * D + d];
+        put(o, d, a + s);
+      }
+    }
+}
+
+// out [rows, I] = silu(gate) * up for gate_up [rows, 2I] (gate first): silu rounded, then the product.
+template <typename T> static void silu_mul(const T* gu, int64_t rows, int64_t I, T* out) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t i = 0; i < I; i++) {
+      const float g = get(gu + r * 2 * I, i);
+      put(out + r * I, i, round_as(out, g / (1.f + std::exp(-g))) * get(gu + r * 2 * I + I, i));
+    }
+}
+
+extern "C" void qk_add_rms_norm(void* h, const void* delta, const void* weight, int64_t rows, int64_t C, float eps,
+                                int bf16, void* normed) {
+  if (bf16)
+    add_rms_norm(static_cast<uint16_t*>(h), static_cast<const uint16_t*>(delta), static_cast<const uint16_t*>(weight),
+                 rows, C, eps, static_cast<uint16_t*>(normed));
+  else
+    add_rms_norm(static_cast<float*>(h), static_cast<const float*>(delta), static_cast<const float*>(weight), rows, C,
+                 eps, static_cast<float*>(normed));
+}
+
+extern "C" void qk_rope(const void* x, int64_t xb, int64_t B, int64_t H, int64_t D, const float* cos,
+                        const float* ssin, int bf16, void* out) {
+  if (bf16) rope(static_cast<const uint16_t*>(x), xb, B, H, D, cos, ssin, static_cast<uint16_t*>(out));
+  else rope(static_cast<const float*>(x), xb, B, H, D, cos, ssin, static_cast<float*>(out));
+}
+
+extern "C" void qk_silu_mul(const void* gu, int64_t rows, int64_t I, int bf16, void* out) {
+  if (bf16) silu_mul(static_cast<const uint16_t*>(gu), rows, I, static_cast<uint16_t*>(out));
+  else silu_mul(static_cast<const float*>(gu), rows, I, static_cast<float*>(out));
 }
 
 // The whole weight [N, K] as float32 (bf16 == 0) or bfloat16, for many rows of x (a prefill), where torch's matmul

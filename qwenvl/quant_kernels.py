@@ -8,6 +8,8 @@ ops on every call (several float copies of the weight, written then read). Here:
     int4_linear(x, qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G], group_size, bias)
     dense_linear(x, weight float32 | bf16 [N, K], bias)     (fast_linear.FastLinear: a bf16 model's decode GEMV;
                                                               torch's own reads bf16 at half the float32 speed)
+    decode_attention(q, k, v, mask)                         (one query per row: SDPA of a decode step)
+    add_rms_norm / rope / silu_mul                          (the elementwise glue of qwen2_vl_fast's decode step)
 
   * up to FAST_MAX_ROWS rows of x that need no gradient (decoding): matrix-vector kernels that read the packed
     codes once and never build the float weight; they compute in float32 (bfloat16 x and y are converted inside),
@@ -71,6 +73,9 @@ SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.c
     "qk_dequant_int8": [_P, _P, _P, _I64, _I64, _INT, _INT],
     "qk_dequant_int4": [_P, _P, _P, _I64, _P, _I64, _I64, _INT, _INT],
     "qk_attend": [_P, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT],
+    "qk_add_rms_norm": [_P, _P, _P, _I64, _I64, ctypes.c_float, _INT, _P],
+    "qk_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT, _P],
+    "qk_silu_mul": [_P, _I64, _I64, _INT, _P],
 }
 
 _lock = threading.Lock()
@@ -163,6 +168,55 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
                             strides.data_ptr(), _ptr(visible), b, h, hk, s, d, d ** -0.5, out.data_ptr(),
                             _threads())
     return out.view(b, h, 1, d).to(q.dtype)
+
+
+# The elementwise glue of a decode step (qwen2_vl_fast.FastDecoder): a few thousand numbers per call, where one
+# kernel call replaces 4-10 framework ops. Each returns None where it does not apply (the caller runs torch's ops).
+
+def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> Tensor | None:
+    """h += delta IN PLACE (when given), then text.RMSNorm of h [..., C] with `weight` [C]; h's dtype."""
+    if not (_glue_ok(h) and h.is_contiguous() and _alike(weight, h, h.shape[-1:])
+            and (delta is None or _alike(delta, h, h.shape))):
+        return None
+    normed = torch.empty_like(h)
+    _state["lib"].qk_add_rms_norm(h.data_ptr(), _ptr(delta), weight.data_ptr(), h.numel() // h.shape[-1],
+                                  h.shape[-1], eps, h.dtype == torch.bfloat16, normed.data_ptr())
+    return normed
+
+
+def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
+    """qwen2_vl_fast.rotate for x [B, H, 1, D] (rows of D contiguous, heads adjacent: a slice of the heads is fine)
+    with cos and signed_sin [B, 1, 1, D] float32: a new [B, H, 1, D] tensor."""
+    b, h, t, d = x.shape
+    if not _glue_ok(x) or t != 1 or x.stride(-1) != 1 or x.stride(1) != d or cos.dtype != torch.float32 \
+            or signed_sin.dtype != torch.float32 or cos.numel() != b * d or signed_sin.numel() != b * d:
+        return None
+    cos, signed_sin = cos.reshape(b, d).contiguous(), signed_sin.reshape(b, d).contiguous()
+    out = torch.empty(b, h, 1, d, dtype=x.dtype)
+    _state["lib"].qk_rope(x.data_ptr(), x.stride(0), b, h, d, cos.data_ptr(), signed_sin.data_ptr(),
+                          x.dtype == torch.bfloat16, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: Tensor) -> Tensor | None:
+    """silu(gate) * up for gate_up [..., 2I] = [gate, up] (a fused gate/up projection's output): [..., I]."""
+    if not _glue_ok(gate_up) or not gate_up.is_contiguous() or gate_up.shape[-1] % 2:
+        return None
+    i = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], i)
+    _state["lib"].qk_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, gate_up.dtype == torch.bfloat16,
+                              out.data_ptr())
+    return out
+
+
+def _glue_ok(x: Tensor) -> bool:
+    """A float32 / bf16 CPU tensor that needs no gradient, and the kernels built."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and library() is not None
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _alike(t: Tensor, x: Tensor, shape: torch.Size) -> bool:
+    return t.dtype == x.dtype and t.device == x.device and t.shape == shape and t.is_contiguous()
 
 
 def library() -> ctypes.CDLL | None:

@@ -6,12 +6,15 @@ per layer. Here, per step:
     * the rotary angles once for all layers: at decode the three M-RoPE ids are equal (positions.decode_position_ids),
       so the table is plain RoPE at next_position + rope_delta, the same float32 values as mrope_cos_sin's;
     * no mask at all unless a row of the cache holds padding (SDPA then takes its unmasked path);
-    * q and k rotated in one call of fewer ops, RMSNorm as F.rms_norm (both bit-identical to text.py's, tested);
+    * q and k rotated in one call (bit-identical to text.py's apply_rope, tested);
     * q/k/v and gate/up as one fused projection each (fused_projections.py: the same weights, views, no copy);
-    * keys and values into the caller's preallocated KVCache (static shapes, written by slot).
-Norms, RoPE, attention and the linears are the model's own modules and functions (FastLinear / Int8Linear /
-Int4Linear pick their decode kernels), so the step computes what the reference computes up to the order of float
-sums in the fused GEMVs; tests/test_fast_decode.py holds the two together.
+    * keys and values into the caller's preallocated KVCache (static shapes, written by slot);
+    * with the compiled kernels (quant_kernels): each residual add with the RMSNorm after it, the rotation, and
+      silu(gate) * up as one call each, and the attention on the decode-attention kernel; 4-10 framework ops
+      of ~2-20 us each become one call (without the kernels: F.rms_norm and torch's ops, the same bits as text.py).
+The linears are the model's own (FastLinear / Int8Linear / Int4Linear pick their decode kernels), so the step
+computes what the reference computes up to the order of float sums (GEMVs, the norm's sum of squares, attention)
+and where bf16 values are rounded; tests/test_fast_decode.py holds the two together.
 
     step = FastDecoder(model).step                     # step(next_ids [B], cache, rope_delta [B]) -> logits [B, V]
     generate(model, ids, params, vision=..., step=step)
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import quant_kernels
 from .fused_projections import fuse_projections
 from .kv_cache import KVCache
 from .qwen2_vl import Qwen2VL
@@ -46,25 +50,29 @@ class FastDecoder:
         rope = self._rope(cache.next_position + rope_delta)                            # 2 x [B, 1, 1, D]
         mask = self._mask(cache)
         h = self.model.model.embed_tokens(next_ids[:, None])                           # [B, 1, C]
+        h, x = add_norm(h, None, self.layers[0].input_layernorm)
         for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
-            h = h + self._attention(layer, fused["qkv"], rms_norm(layer.input_layernorm, h), rope, mask, cache, i)
-            gate, up = fused["gate_up"](rms_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)  # [B, 1, I]
-            h = h + layer.mlp.down_proj(F.silu(gate) * up)
+            h, x = add_norm(h, self._attention(layer, fused["qkv"], x, rope, mask, cache, i),
+                            layer.post_attention_layernorm)
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.model.model.norm
+            h, x = add_norm(h, layer.mlp.down_proj(silu_mul(fused["gate_up"](x))), after)   # gate_up: [B, 1, 2I]
         cache.advance(torch.ones(h.shape[0], 1, dtype=torch.bool))
-        return self.model.lm_head(rms_norm(self.model.model.norm, h))[:, -1]             # [B, V]
+        return self.model.lm_head(x)[:, -1]                                            # [B, V]
 
     def _attention(self, layer, qkv_proj, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                    cache: KVCache, i: int) -> Tensor:
         b = x.shape[0]
         qkv = qkv_proj(x).view(b, self.heads + 2 * self.kv_heads, 1, self.head_dim)   # [B, H + 2 Hkv, 1, D]
-        qk = rotate(qkv[:, :self.heads + self.kv_heads], *rope)                         # q and k in one pass
+        qk = rotate(qkv[:, :self.heads + self.kv_heads], *rope)                         # q and k in one call
         (q, k), v = qk.split([self.heads, self.kv_heads], dim=1), qkv[:, self.heads + self.kv_heads:]
         keys, values = cache.write(i, k, v)                                            # [B, Hkv, S, D]
-        # The G = H / Hkv query heads of one KV head as G query rows of it: the same products and sums as
-        # enable_gqa, but SDPA's CPU kernel pays its per-(row, head) block cost Hkv times instead of H times
-        # (bf16, 300 cached tokens: 578 -> 64 us a layer, the same bits).
-        grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # [B, Hkv, G, D]
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)   # [B, Hkv, G, D]
+        out = quant_kernels.decode_attention(q, keys, values, mask)                     # [B, H, 1, D] or None
+        if out is None:
+            # The G = H / Hkv query heads of one KV head as G query rows of it: the same products and sums as
+            # enable_gqa, but SDPA's CPU kernel pays its per-(row, head) block cost Hkv times instead of H times
+            # (bf16, 300 cached tokens: 578 -> 64 us a layer, the same bits).
+            grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # [B, Hkv, G, D]
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)   # [B, Hkv, G, D]
         return layer.self_attn.o_proj(out.reshape(b, 1, -1))
 
     def _rope(self, position: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,7 +94,11 @@ class FastDecoder:
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """text.apply_rope for a full-width rotary in 8 ops instead of 12, the same bits: rotate_half(x) * sin is
-    [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] (negation is exact), and [x2, x1] is a flip of x's two halves."""
+    [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] (negation is exact), and [x2, x1] is a flip of x's two halves.
+    One kernel call where the compiled kernels apply (quant_kernels.rope: the same float32 operations)."""
+    out = quant_kernels.rope(x, cos, signed_sin)
+    if out is not None:
+        return out
     xf = x.float()
     swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)                            # [x2, x1]
     return (xf * cos + swapped * signed_sin).type_as(x)
@@ -95,3 +107,22 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
     """RMSNorm.forward in three ops instead of seven (float32 norm, cast back, then the weight): the same bits."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
+
+
+def add_norm(h: Tensor, delta: Tensor | None, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+    """(h + delta, norm(h + delta)) with delta None meaning 0: a residual add and the next RMSNorm, in one kernel
+    call where it applies (which then adds into h in place: the step's own tensor), else `rms_norm`'s three ops."""
+    normed = quant_kernels.add_rms_norm(h, delta, norm.weight, norm.eps)
+    if normed is not None:
+        return h, normed
+    h = h if delta is None else h + delta
+    return h, rms_norm(norm, h)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of a fused gate/up output [..., 2I] -> [..., I] (one kernel call where it applies)."""
+    out = quant_kernels.silu_mul(gate_up)
+    if out is not None:
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

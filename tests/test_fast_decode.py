@@ -6,6 +6,8 @@
 * `fused_projections`: the reference forward is bit-identical after fusing (same values, now views); the fused
   module equals the concatenated projections; loading and saving keep working.
 * `FastLinear` on Qwen-VL (v1) in bf16: greedy tokens identical to nn.Linear's over 12 steps, logits within 2e-2.
+* the decode-step glue kernels (residual add + RMSNorm, rotation, silu * up) vs torch's ops: the rotation
+  bit-identical, the rest within float32 rounding (bf16: one bf16 step).
 * `qwen2_vl_fast.FastDecoder.step` vs `qwen2_vl_generation.decode_step` on a tiny random Qwen2-VL (with an image, and
   a left-padded batch): logits within 1e-5 of their scale in float32 (2e-2 in bf16 / int8 / int4, where both
   paths round activations to bf16 but not at the same points), greedy tokens identical over 12 steps in every mode.
@@ -216,6 +218,57 @@ def test_fast_rms_norm_is_bit_identical(dtype):
     assert torch.equal(rms_norm(norm, x), norm(x))
 
 
+def _needs_kernels():
+    if quant_kernels.library() is None:
+        pytest.skip(f"compiled kernels unavailable: {quant_kernels.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_norm_kernel_equals_the_residual_add_and_rms_norm(dtype, with_delta):
+    """The residual add is exact in both (one rounding of the float32 sum); the norm sums its squares in another
+    order, so float32 agrees to a few ulps and bf16 to one bf16 step."""
+    from qwenvl.qwen2_vl_fast import add_norm, rms_norm
+    from qwenvl.text import RMSNorm
+
+    _needs_kernels()
+    norm = RMSNorm(1536, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    h, delta = torch.randn(2, 1, 1536).to(dtype) * 3, torch.randn(2, 1, 1536).to(dtype) if with_delta else None
+    want_h = h if delta is None else h + delta
+    want = rms_norm(norm, want_h)
+    got_h, got = add_norm(h.clone(), delta, norm)
+    assert torch.equal(got_h, want_h) and got.dtype == dtype
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_equals_torch(dtype):
+    from qwenvl.qwen2_vl_fast import silu_mul
+
+    _needs_kernels()
+    gate_up = torch.randn(3, 1, 2 * 700).to(dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = quant_kernels.silu_mul(gate_up)
+    assert got is not None and got.shape == want.shape and torch.equal(silu_mul(gate_up), got)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6                # exp may differ in its last bit
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-6)
+
+
+def test_glue_kernels_decline_what_they_do_not_do():
+    _needs_kernels()
+    x = torch.randn(1, 1, 8, requires_grad=True)
+    weight = torch.ones(8)
+    assert quant_kernels.add_rms_norm(x, None, weight, 1e-6) is None                   # needs a gradient
+    assert quant_kernels.add_rms_norm(x.detach().half(), None, weight.half(), 1e-6) is None
+    assert quant_kernels.add_rms_norm(x.detach(), None, weight.bfloat16(), 1e-6) is None  # mixed dtypes
+    assert quant_kernels.silu_mul(torch.randn(1, 7)) is None                           # no [gate, up] halves
+    assert quant_kernels.rope(torch.randn(1, 2, 3, 8), torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8)) is None
+
+
 @pytest.mark.parametrize("in_f, out_f, group", [(256, 37, 64), (1536, 200, 128), (384, 9, 128), (4352, 38, 128)])
 def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
     from qwenvl.quantize import Int4Linear
@@ -312,3 +365,5 @@ def test_fast_rotary_is_bit_identical(dtype):
     emb = torch.cat([angles, angles], -1)[:, None, None]
     x = torch.randn(3, 6, 1, decoder.head_dim).to(dtype)
     assert torch.equal(rotate(x, cos, signed_sin), apply_rope(x, emb.cos(), emb.sin()))
+    if quant_kernels.library() is not None:                      # the kernel ran (rotate falls back to torch ops)
+        assert torch.equal(quant_kernels.rope(x, cos, signed_sin), apply_rope(x, emb.cos(), emb.sin()))
