@@ -126,6 +126,23 @@ def stub_linears(model: Qwen2VL) -> Qwen2VL:
     return model
 
 
+def outside_linears(stubbed: Qwen2VL) -> tuple[float, float]:
+    """ms per token of a decode step whose linears are stubbed: with the decode-step glue kernels, and with torch's
+    ops in their place (the kernels' wrappers declining), alternately for --rounds; medians."""
+    glue, torch_ops, names = [], [], ("add_rms_norm", "rope", "silu_mul", "decode_attention")
+    kernels = {name: getattr(quant_kernels, name) for name in names}
+    for _ in range(args.rounds):
+        glue.append(1000 / decode_speed(stubbed, torch.bfloat16))
+        try:
+            for name in names:
+                setattr(quant_kernels, name, lambda *a, **k: None)
+            torch_ops.append(1000 / decode_speed(stubbed, torch.bfloat16))
+        finally:
+            for name, fn in kernels.items():
+                setattr(quant_kernels, name, fn)
+    return median(glue), median(torch_ops)
+
+
 # --------------------------------------------------------------------------- decoding
 @torch.no_grad()
 def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
@@ -217,9 +234,11 @@ else:
               f"{row['bandwidth_GBps']:>7.1f}{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%"
               f"{row.get('vs_bf16', 0):>8.2f}   ({100 * min(row['shares']):.0f}-{100 * max(row['shares']):.0f}%)")
     if "bf16" in models:
-        results["outside_linears_ms_per_token"] = 1000 / decode_speed(stub_linears(models["bf16"]), torch.bfloat16)
-        print(f"time outside the linears (all linears stubbed, bf16): {results['outside_linears_ms_per_token']:.1f} "
-              f"ms/token: norms, RoPE, attention, the Python around them")
+        glue, torch_ops = outside_linears(stub_linears(models["bf16"]))
+        results["outside_linears_ms_per_token"] = glue
+        results["outside_linears_torch_ops_ms_per_token"] = torch_ops
+        print(f"time outside the linears (all linears stubbed, bf16): {glue:.1f} ms/token (norms, RoPE, attention, "
+              f"the Python around them); {torch_ops:.1f} with torch's ops instead of the glue kernels")
     results["qwen2_vl_2b" + ("_quick" if args.quick else "")] = rows
 
 args.json.parent.mkdir(parents=True, exist_ok=True)
