@@ -36,6 +36,7 @@ import random
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +123,16 @@ def pixels(images: list, resolution: int) -> torch.Tensor | None:
     return torch.stack([preprocess_v1(im, resolution) for im in images]) if images else None
 
 
-def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> None:
-    """Train `module` for stage.steps, checkpointing atomically every SAVE_EVERY_S; resumable."""
+def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> bool:
+    """Train `module` for stage.steps, checkpointing atomically every SAVE_EVERY_S; resumable. False: done earlier."""
     folder = OUT / stage.name
     if (folder / "DONE").is_file():
         module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         log(f"{stage.name}: done earlier, loaded")
-        return
+        return False
     folder.mkdir(parents=True, exist_ok=True)
     opt = adamw(module.parameters(), stage.lr)
-    rng, np_rng = random.Random(f"{args.seed}-{stage.name}"), np.random.default_rng(abs(hash(stage.name)) % 2**32)
+    rng, np_rng = random.Random(f"{args.seed}-{stage.name}"), np.random.default_rng(zlib.crc32(stage.name.encode()))
     step = 0
     if (folder / "state.pt").is_file():
         step, _ = load_state(folder / "state.pt", module, opt, rng, np_rng)
@@ -390,24 +391,24 @@ def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
 if wanted("stage1"):
     assemble_visual()
     set_trainable(model, vit=True, adapter=True, llm=False)
-    run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss)
-    probe("stage1")
+    if run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss):
+        probe("stage1")
 
 if wanted("stage2"):
     set_trainable(model, vit=True, adapter=True, llm=True)
-    run_stage(STAGES["stage2_read"], model, stage_batch(chatml=False), vl_loss)
-    probe("stage2_read")
-    run_stage(STAGES["stage2_warmup"], model, stage_batch(chatml=False), vl_loss)
-    probe("stage2_warmup")
-    run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss)
-    probe("stage2_easy")
-    run_stage(STAGES["stage2"], model, stage_batch(chatml=False), vl_loss)
-    probe("stage2")
+    if run_stage(STAGES["stage2_read"], model, stage_batch(chatml=False), vl_loss):
+        probe("stage2_read")
+    if run_stage(STAGES["stage2_warmup"], model, stage_batch(chatml=False), vl_loss):
+        probe("stage2_warmup")
+    if run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss):
+        probe("stage2_easy")
+    if run_stage(STAGES["stage2"], model, stage_batch(chatml=False), vl_loss):
+        probe("stage2")
 
 if wanted("stage3"):
     set_trainable(model, vit=False, adapter=True, llm=True)
-    run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss)
-    probe("stage3")
+    if run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss):
+        probe("stage3")
 
 
 # --------------------------------------------------------------------------- weights for eval / export
