@@ -168,6 +168,7 @@ def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> bool:
     (folder / "state.pt").unlink(missing_ok=True)
     plot_losses(OUT / "loss.csv", OUT / "loss.png")
     log(f"{stage.name}: finished {stage.steps} steps")
+    return True
 
 
 def wanted(name: str) -> bool:
