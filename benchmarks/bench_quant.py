@@ -30,7 +30,6 @@ image-encode time of one 448 px image.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
