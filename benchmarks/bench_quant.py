@@ -46,12 +46,7 @@ from qwenvl.fast_paths import fast_step, use_fast_paths
 from qwenvl.fused_projections import fuse_projections
 from qwenvl.kv_cache import KVCache
 from qwenvl.model import QWenLMHeadModel
-from qwenvl.quantize import (
-    GPTQLinear,
-    Int4Linear,
-    quantized_swap,
-    swap_linears,
-)
+from qwenvl.quantize import GPTQLinear, Int4Linear, quantized_swap
 from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
 from qwenvl.qwen2_vl_config import PRESETS, Qwen2VLConfig
 
