@@ -139,13 +139,16 @@ def outside_linears(stubbed: Qwen2VL) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
-    """Greedy decode tokens/s after a PROMPT-token prompt (2 untimed warm-up steps)."""
+def decode_speed(model: nn.Module, dtype: torch.dtype, whole_step: bool = True) -> float:
+    """Greedy decode tokens/s after a PROMPT-token prompt (2 untimed warm-up steps). whole_step=False: Qwen2-VL's
+    fast step op by op (FastDecoder.whole_step off), to time what the one-call step (decode_step.cpp) saves."""
     ids = torch.randint(0, 150000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     max_len = PROMPT + steps + 3
     if isinstance(model, Qwen2VL):
         cache = new_kv_cache(model.config, 1, max_len, dtype)
         fast, no_delta = fast_step(model), torch.zeros(1, dtype=torch.long)
+        if fast is not None:
+            fast.__self__.whole_step = whole_step
         step = (lambda tok: fast(tok[:, 0], cache, no_delta)[:, None]) if fast else (
             lambda tok: model(tok, position_ids=cache.next_position.view(1, 1, 1).expand(3, 1, 1), kv_cache=cache,
                               last_only=True))
@@ -158,7 +161,10 @@ def decode_speed(model: nn.Module, dtype: torch.dtype) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         tok = step(tok)[:, -1].argmax(-1, keepdim=True)
-    return steps / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if isinstance(model, Qwen2VL) and fast is not None:
+        fast.__self__.whole_step = True
+    return steps / elapsed
 
 
 def summarise(runs: list[tuple[float, float]], nbytes: int, bf16: list[tuple[float, float]] | None) -> dict:
@@ -215,18 +221,25 @@ else:
     models = {mode: qwen2_2b(mode) for mode in args.modes}           # all at once: ~12 GB at full depth
     nbytes = {mode: decode_bytes(model) for mode, model in models.items()}
     runs = {mode: [] for mode in models}                             # per round: (tok/s, bandwidth just after)
+    per_op = {mode: [] for mode in models}                           # per round: ms/token the one-call step saved
     for r in range(args.rounds):
         for mode, model in models.items():
-            tok_s = decode_speed(model, torch.float32 if mode == "fp32" else torch.bfloat16)
+            dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+            tok_s = decode_speed(model, dtype)
             runs[mode].append((tok_s, stream_bandwidth()))
+            per_op[mode].append(1000 / decode_speed(model, dtype, whole_step=False) - 1000 / tok_s)
         print(f"  round {r + 1}: " + ", ".join(f"{mode} {runs[mode][-1][0]:.2f}" for mode in models) + " tok/s")
     rows = {mode: summarise(runs[mode], nbytes[mode], runs.get("bf16")) for mode in models}
+    for mode, row in rows.items():
+        row["per_op_step_extra_ms_per_token"] = median(per_op[mode])
     print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'GB/s':>7}{'roofline':>10}{'share':>8}{'x bf16':>8}"
-          f"   (medians of {args.rounds} rounds; share range)")
+          f"{'op by op':>10}   (medians of {args.rounds} rounds; share range; op by op: extra ms/token of the step "
+          f"without decode_step.cpp)")
     for mode, row in rows.items():
         print(f"{mode:<6}{row['weight_GB_per_token']:>10.2f}{row['tok_s']:>9.2f}{1000 / row['tok_s']:>10.1f}"
               f"{row['bandwidth_GBps']:>7.1f}{row['roofline_tok_s']:>10.2f}{100 * row['roofline_share']:>7.0f}%"
-              f"{row.get('vs_bf16', 0):>8.2f}   ({100 * min(row['shares']):.0f}-{100 * max(row['shares']):.0f}%)")
+              f"{row.get('vs_bf16', 0):>8.2f}{row['per_op_step_extra_ms_per_token']:>+10.1f}"
+              f"   ({100 * min(row['shares']):.0f}-{100 * max(row['shares']):.0f}%)")
     if "bf16" in models:
         glue, torch_ops = outside_linears(stub_linears(models["bf16"]))
         results["outside_linears_ms_per_token"] = glue

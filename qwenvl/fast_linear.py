@@ -32,6 +32,10 @@ class FastLinear(nn.Module):
         y = quant_kernels.dense_linear(x, self.weight, self.bias)                 # None: not a decode GEMV
         return F.linear(x, self.weight, self.bias) if y is None else y
 
+    def decode_kernel(self) -> quant_kernels.KernelLinear | None:
+        """This layer for qwen2_vl_fast's whole-step kernel (None where forward would not run the dense kernel)."""
+        return quant_kernels.dense_kernel(self.weight, self.bias)
+
 
 def use_fast_linears(model: nn.Module) -> int:
     """Swap the float LLM linears (and lm_head) of a Qwen-VL or Qwen2-VL model for FastLinear, in place."""

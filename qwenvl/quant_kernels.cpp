@@ -9,6 +9,7 @@
 //          GPTQLinear   the same, on its int32 words stored transposed (see GPTQLinear.kernel_tensors)
 // qk_dense FastLinear   w bfloat16 or float32 [N, K] (torch's own GEMV reads bf16 at half the float32 speed)
 // qk_attend, qk_add_rms_norm, qk_rope, qk_silu_mul: the attention and elementwise glue of a decode step
+// (decode_step.cpp composes all of these into a whole Qwen2-VL decode step; quant_kernels.h declares them)
 //
 // Decode is bound by reading the weights once. Each thread takes a contiguous range of output rows and reads their
 // weights front to back, one sequential stream the hardware prefetcher follows; every decoded weight vector serves up
@@ -25,6 +26,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "quant_kernels.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -464,14 +467,7 @@ static void attend(const float* q, const T* k, const T* v, const int64_t* ks, co
 // ------------------------------------------------------------------------------------------ entry points
 
 // bfloat16 activations (the usual CPU inference dtype) are converted here rather than by two more framework ops
-// per call: bf16 -> float32 is exact, float32 -> bf16 rounds to nearest even as torch does.
-static inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return nan ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-}
-
+// per call: bf16 -> float32 is exact, float32 -> bf16 (qk_to_bf16) rounds to nearest even as torch does.
 static const float* as_f32(const void* x, int64_t n, int bf16, std::vector<float>& buf) {
   if (!bf16) return static_cast<const float*>(x);
   buf.resize(n);
@@ -485,7 +481,7 @@ static const float* as_f32(const void* x, int64_t n, int bf16, std::vector<float
 
 static void store_bf16(const float* y, int64_t n, void* out) {
   uint16_t* h = static_cast<uint16_t*>(out);
-  for (int64_t i = 0; i < n; i++) h[i] = to_bf16(y[i]);
+  for (int64_t i = 0; i < n; i++) h[i] = qk_to_bf16(y[i]);
 }
 
 // x [M, K] and y [M, N] are float32, or bfloat16 when bf16 != 0.
@@ -530,9 +526,9 @@ extern "C" void qk_dense(const void* x, int64_t M, int64_t K, const void* w, int
 // the reference rounds them (bfloat16 after every op that returns bf16), computed in float32 in between.
 template <typename T> static inline float get(const T* p, int64_t i) { return scalar_w(p[i]); }
 static inline void put(float* p, int64_t i, float v) { p[i] = v; }
-static inline void put(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
+static inline void put(uint16_t* p, int64_t i, float v) { p[i] = qk_to_bf16(v); }
 static inline float round_as(const float*, float v) { return v; }
-static inline float round_as(const uint16_t*, float v) { return scalar_w(to_bf16(v)); }
+static inline float round_as(const uint16_t*, float v) { return scalar_w(qk_to_bf16(v)); }
 
 // h [rows, C] += delta (skipped when null), then normed = rms_norm(h) * weight as text.RMSNorm computes it:
 // float32 norm, rounded to h's dtype, times the weight (rounded again).
@@ -617,7 +613,7 @@ template <typename F> static void write_rows(void* out, int64_t N, int64_t K, in
       fill_row(n, row);
       if (bf16) {
         uint16_t* o = static_cast<uint16_t*>(out) + n * K;
-        for (int64_t k = 0; k < K; k++) o[k] = to_bf16(row[k]);
+        for (int64_t k = 0; k < K; k++) o[k] = qk_to_bf16(row[k]);
       }
     }
   }

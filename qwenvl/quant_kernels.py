@@ -10,6 +10,8 @@ ops on every call (several float copies of the weight, written then read). Here:
                                                               torch's own reads bf16 at half the float32 speed)
     decode_attention(q, k, v, mask)                         (one query per row: SDPA of a decode step)
     add_rms_norm / rope / silu_mul                          (the elementwise glue of qwen2_vl_fast's decode step)
+    decode_step(plan, h, ...)                               (that whole step, every layer, in one call:
+                                                              decode_step.cpp, on the kernels above)
 
   * up to FAST_MAX_ROWS rows of x that need no gradient (decoding): matrix-vector kernels that read the packed
     codes once and never build the float weight; they compute in float32 (bfloat16 x and y are converted inside),
@@ -53,6 +55,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,6 +68,8 @@ from torch import Tensor
 FAST_MAX_ROWS = 16
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"))          # one library; quant_kernels.h declares across them
+HEADER = SOURCE.with_name("quant_kernels.h")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.cpp
     "qk_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT, _INT],
@@ -76,6 +81,7 @@ SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.c
     "qk_add_rms_norm": [_P, _P, _P, _I64, _I64, ctypes.c_float, _INT, _P],
     "qk_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT, _P],
     "qk_silu_mul": [_P, _I64, _I64, _INT, _P],
+    "qk_decode_step": [_P, _P, _P, _P, _I64, _P, ctypes.c_float, ctypes.c_float, _P, _INT],
 }
 
 _lock = threading.Lock()
@@ -209,6 +215,65 @@ def silu_mul(gate_up: Tensor) -> Tensor | None:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ whole step
+
+@dataclass(frozen=True)
+class KernelLinear:
+    """One linear as the decode kernels take it (decode_step.cpp's Linear): y = x @ W.T + bias with
+    kind 0 float32 / 1 bfloat16 weight [N, K], 2 int8 codes [N, K] x scale [N], 3 int4 codes [N, K/2] with
+    scale / zero [N, K/group]. Holds every tensor its addresses point into (converted copies included)."""
+
+    kind: int
+    weight: Tensor
+    n: int
+    k: int
+    scale: Tensor | None = None
+    zero: Tensor | None = None
+    bias: Tensor | None = None                  # float32
+    group: int = 0
+
+    def words(self) -> list[int]:
+        """The 8 int64 words of decode_step.cpp's Linear."""
+        return [self.kind, self.weight.data_ptr(), _address(self.scale), _address(self.zero), _address(self.bias),
+                self.n, self.k, self.group]
+
+
+def dense_kernel(weight: Tensor, bias: Tensor | None) -> KernelLinear | None:
+    """dense_linear's decode GEMV as a KernelLinear, or None where dense_linear would not take it."""
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu" \
+            or not weight.is_contiguous() or library() is None:
+        return None
+    return KernelLinear(int(weight.dtype == torch.bfloat16), weight, *weight.shape, bias=_f32(bias))
+
+
+def int8_kernel(weight: Tensor, scales: Tensor, bias: Tensor | None) -> KernelLinear | None:
+    """int8_linear's decode GEMV as a KernelLinear, or None where int8_linear would not run it."""
+    if weight.device.type != "cpu" or library() is None or not weight.is_contiguous():
+        return None
+    return KernelLinear(2, weight, *weight.shape, scale=_f32(scales), bias=_f32(bias))
+
+
+def int4_kernel(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None) -> KernelLinear | None:
+    """int4_linear's decode GEMV as a KernelLinear, or None where int4_linear would not run it."""
+    if qweight.device.type != "cpu" or library() is None or group_size % 2 or group_size % (2 * lanes()) \
+            or not (qweight.is_contiguous() and zeros.is_contiguous()):
+        return None
+    return KernelLinear(3, qweight, qweight.shape[0], 2 * qweight.shape[1], scale=_f32(scales), zero=zeros,
+                        bias=_f32(bias), group=group_size)
+
+
+def decode_step(plan: Tensor, h: Tensor, cos: Tensor, signed_sin: Tensor, slot: int, visible: Tensor | None,
+                eps: float, scale: float) -> Tensor:
+    """Every decoder layer of one decode step in one call (decode_step.cpp; qwen2_vl_fast.DecodePlan writes `plan`
+    and checks what the kernel assumes). h [B, C] (contiguous) is updated in place; returns the final RMSNorm of it.
+    cos / signed_sin [B, D] float32, visible [B, slot + 1] uint8 or None."""
+    normed = torch.empty_like(h)
+    _state["lib"].qk_decode_step(plan.data_ptr(), h.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), slot,
+                                 _ptr(visible), eps, scale, normed.data_ptr(), _threads())
+    return normed
+
+
 def _glue_ok(x: Tensor) -> bool:
     """A float32 / bf16 CPU tensor that needs no gradient, and the kernels built."""
     return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and library() is not None
@@ -297,6 +362,10 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return t.float().contiguous()
 
 
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _ptr(t: Tensor | None) -> int | None:
     if t is None:
         return None
@@ -360,12 +429,13 @@ def _cpu_flags() -> set[str]:
 def _build() -> Path:
     """Compile quant_kernels.cpp to a cached shared library (atomically: concurrent builds are harmless)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx or not SOURCE.is_file():
-        raise RuntimeError(f"no C++ compiler on PATH ({cxx=}) or missing {SOURCE.name}")
+    if not cxx or not all(path.is_file() for path in (*SOURCES, HEADER)):
+        raise RuntimeError(f"no C++ compiler on PATH ({cxx=}) or missing {[p.name for p in SOURCES]}")
     n_lanes, isa = isa_flags()
     flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno", f"-DQK_LANES={n_lanes}", *isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([cxx, version, *flags]).encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
+    key = hashlib.sha256(code + "\0".join([cxx, version, *flags]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QWENVL_KERNEL_CACHE") or Path.home() / ".cache" / "qwenvl" / "kernels")
     out = cache / f"quant_kernels-{key}.so"
     if out.is_file():
@@ -375,11 +445,11 @@ def _build() -> Path:
     for openmp in (["-fopenmp"], []):                 # without OpenMP the kernels run on one thread
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
-        done = subprocess.run([cxx, *flags, *openmp, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run([cxx, *flags, *openmp, *map(str, SOURCES), "-o", tmp], capture_output=True,
+                              text=True, timeout=600)
         if done.returncode == 0:
             os.replace(tmp, out)
             return out
         os.remove(tmp)
         errors.append(done.stderr.strip()[-2000:])
-    raise RuntimeError(f"{cxx} could not build {SOURCE.name}:\n" + "\n".join(errors))
+    raise RuntimeError(f"{cxx} could not build {[p.name for p in SOURCES]}:\n" + "\n".join(errors))

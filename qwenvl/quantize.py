@@ -97,6 +97,11 @@ class GPTQLinear(nn.Module):
         y = None if tensors is None else quant_kernels.int4_linear(x, *tensors[:3], self.group_size, tensors[3])
         return self.reference_forward(x) if y is None else y
 
+    def decode_kernel(self) -> quant_kernels.KernelLinear | None:
+        """This layer for qwen2_vl_fast's whole-step kernel (None where forward would not run the int4 kernel)."""
+        tensors = self.kernel_tensors()
+        return None if tensors is None else quant_kernels.int4_kernel(*tensors[:3], self.group_size, tensors[3])
+
     def kernel_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """This linear in Int4Linear's layout, for the int4 kernels: (codes uint8 [out, in/2], scales float32
         [out, G], zero points uint8 [out, G], bias float32 [out]); None where they do not apply (act-order g_idx,
@@ -161,6 +166,10 @@ class Int8Linear(nn.Module):
         y = quant_kernels.int8_linear(x, self.weight, self.scales, self.bias)
         return self.reference_forward(x) if y is None else y
 
+    def decode_kernel(self) -> quant_kernels.KernelLinear | None:
+        """This layer for qwen2_vl_fast's whole-step kernel (None where forward would not run the int8 kernel)."""
+        return quant_kernels.int8_kernel(self.weight, self.scales, self.bias)
+
 
 def check_int4_width(in_features: int, group_size: int) -> None:
     if in_features % group_size or in_features % 2:
@@ -214,6 +223,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = quant_kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return self.reference_forward(x) if y is None else y
+
+    def decode_kernel(self) -> quant_kernels.KernelLinear | None:
+        """This layer for qwen2_vl_fast's whole-step kernel (None where forward would not run the int4 kernel)."""
+        return quant_kernels.int4_kernel(self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
 
 def quantize_int4(w: Tensor, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:

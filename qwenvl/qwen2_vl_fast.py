@@ -11,7 +11,10 @@ per layer. Here, per step:
     * keys and values into the caller's preallocated KVCache (static shapes, written by slot);
     * with the compiled kernels (quant_kernels): each residual add with the RMSNorm after it, the rotation, and
       silu(gate) * up as one call each, and the attention on the decode-attention kernel; 4-10 framework ops
-      of ~2-20 us each become one call (without the kernels: F.rms_norm and torch's ops, the same bits as text.py).
+      of ~2-20 us each become one call (without the kernels: F.rms_norm and torch's ops, the same bits as text.py);
+    * and where every linear has a decode kernel (FastLinear, Int8Linear, Int4Linear, GPTQLinear): all layers in
+      one call (decode_step.cpp: the same kernels in the same order, so the same bits), from a DecodePlan of the
+      tensors' addresses that is rebuilt whenever a tensor it names was replaced or changed.
 The linears are the model's own (FastLinear / Int8Linear / Int4Linear pick their decode kernels), so the step
 computes what the reference computes up to the order of float sums (GEMVs, the norm's sum of squares, attention)
 and where bf16 values are rounded; tests/test_fast_decode.py holds the two together.
@@ -35,9 +38,10 @@ from .text import RMSNorm
 class FastDecoder:
     """Decode steps of one Qwen2-VL model (it fuses the model's projections in place on construction)."""
 
-    def __init__(self, model: Qwen2VL):
+    def __init__(self, model: Qwen2VL, whole_step: bool = True):
         cfg = model.config.text
-        self.model, self.layers = model, list(model.model.layers)
+        self.model, self.layers, self.whole_step = model, list(model.model.layers), whole_step
+        self._plan: DecodePlan | None = None
         self.fused = fuse_projections(model)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.head_dim
@@ -50,6 +54,14 @@ class FastDecoder:
         rope = self._rope(cache.next_position + rope_delta)                            # 2 x [B, 1, 1, D]
         mask = self._mask(cache)
         h = self.model.model.embed_tokens(next_ids[:, None])                           # [B, 1, C]
+        plan = self._whole_step_plan(cache, h) if self.whole_step else None
+        if plan is not None:
+            b, d = h.shape[0], self.head_dim
+            visible = None if mask is None else mask.reshape(b, -1).to(torch.uint8)   # [B, S + 1]
+            x = quant_kernels.decode_step(plan.words, h.view(b, -1), rope[0].view(b, d), rope[1].view(b, d),
+                                          cache.length, visible, plan.eps, d ** -0.5)  # [B, C]
+            cache.advance(torch.ones(b, 1, dtype=torch.bool))
+            return self.model.lm_head(x[:, None])[:, -1]                               # [B, V]
         h, x = add_norm(h, None, self.layers[0].input_layernorm)
         for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
             h, x = add_norm(h, self._attention(layer, fused["qkv"], x, rope, mask, cache, i),
@@ -58,6 +70,20 @@ class FastDecoder:
             h, x = add_norm(h, layer.mlp.down_proj(silu_mul(fused["gate_up"](x))), after)   # gate_up: [B, 1, 2I]
         cache.advance(torch.ones(h.shape[0], 1, dtype=torch.bool))
         return self.model.lm_head(x)[:, -1]                                            # [B, V]
+
+    def _whole_step_plan(self, cache: KVCache, h: Tensor) -> "DecodePlan | None":
+        """The plan for this cache and these weights (rebuilt when anything it names changed), or None."""
+        modules = self._step_modules()
+        key = DecodePlan.key(modules, cache, h)
+        if self._plan is None or self._plan.key_ != key:
+            self._plan = DecodePlan.build(self, modules, cache, h, key)
+        return self._plan if self._plan.words is not None else None
+
+    def _step_modules(self) -> list[list]:
+        """Per layer: the fused qkv, o_proj, fused gate_up, down_proj, and the norms; the final norm last."""
+        rows = [[f["qkv"], layer.self_attn.o_proj, f["gate_up"], layer.mlp.down_proj, layer.input_layernorm,
+                 layer.post_attention_layernorm] for layer, f in zip(self.layers, self.fused)]
+        return rows + [[self.model.model.norm]]
 
     def _attention(self, layer, qkv_proj, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                    cache: KVCache, i: int) -> Tensor:
@@ -126,3 +152,53 @@ def silu_mul(gate_up: Tensor) -> Tensor:
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class DecodePlan:
+    """decode_step.cpp's plan for one FastDecoder and cache: an int64 array of sizes and addresses (its Header, then
+    a Layer per decoder layer), with the tensors it points into; `words` is None where the whole-step kernel does
+    not apply (a linear without a decode kernel, mixed dtypes, more rows than the GEMV kernels take, no kernels).
+
+    `key` names what the addresses depend on: each tensor of the modules by address and version (an in-place
+    update of a tensor a converted copy was made of, or a replaced tensor, makes a new plan), and the cache's."""
+
+    def __init__(self, key: tuple, words: Tensor | None, eps: float = 0.0, keep: tuple = ()):
+        self.key_, self.words, self.eps, self.keep = key, words, eps, keep
+
+    @staticmethod
+    def key(modules: list[list], cache: KVCache, h: Tensor) -> tuple:
+        tensors = [t for row in modules for m in row for t in (*m._parameters.values(), *m._buffers.values())
+                   if t is not None]
+        return (tuple(id(m) for row in modules for m in row), tuple((t.data_ptr(), t._version) for t in tensors),
+                cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape, h.shape, h.dtype)
+
+    @staticmethod
+    def _shapes_fit(decoder: FastDecoder, c: int, row: list, gate_up: int) -> bool:
+        """The layer's linears have the shapes decode_step.cpp sizes its buffers by (layer 0's MLP width)."""
+        qkv, o, gu, down = row
+        attn = decoder.heads * decoder.head_dim
+        return ((qkv.n, qkv.k, o.n, o.k, gu.n, gu.k, down.n, down.k)
+                == (attn + 2 * decoder.kv_heads * decoder.head_dim, c, c, attn, gate_up, c, c, gate_up // 2))
+
+    @classmethod
+    def build(cls, decoder: FastDecoder, modules: list[list], cache: KVCache, h: Tensor, key: tuple) -> "DecodePlan":
+        b, dtype = h.shape[0], h.dtype
+        norms = [m for row in modules for m in row if isinstance(m, RMSNorm)]
+        linears = [[getattr(m, "decode_kernel", lambda: None)() for m in row[:4]] for row in modules[:-1]]
+        if (dtype not in (torch.float32, torch.bfloat16) or b > quant_kernels.FAST_MAX_ROWS
+                or quant_kernels.library() is None or any(k is None for row in linears for k in row)
+                or cache.keys.dtype != dtype or cache.values.dtype != dtype or not cache.keys.is_contiguous()
+                or not cache.values.is_contiguous() or len({n.eps for n in norms}) != 1
+                or any(n.weight.dtype != dtype or not n.weight.is_contiguous() for n in norms)
+                or not all(cls._shapes_fit(decoder, h.shape[-1], row, linears[0][2].n) for row in linears)):
+            return cls(key, None)
+        header = [b, h.shape[-1], decoder.heads, decoder.kv_heads, decoder.head_dim, len(linears),
+                  int(dtype == torch.bfloat16), modules[0][4].weight.data_ptr(),
+                  *cache.keys.stride()[1:4], *cache.values.stride()[1:4]]
+        words = list(header)
+        for i, (row, kernels) in enumerate(zip(modules[:-1], linears)):
+            next_norm = modules[i + 1][4] if i + 1 < len(linears) else modules[-1][0]
+            words += [w for k in kernels for w in k.words()]
+            words += [row[5].weight.data_ptr(), next_norm.weight.data_ptr(), cache.keys[i].data_ptr(),
+                      cache.values[i].data_ptr()]
+        return cls(key, torch.tensor(words, dtype=torch.int64), norms[0].eps, keep=tuple(linears))

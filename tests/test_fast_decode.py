@@ -367,3 +367,64 @@ def test_fast_rotary_is_bit_identical(dtype):
     assert torch.equal(rotate(x, cos, signed_sin), apply_rope(x, emb.cos(), emb.sin()))
     if quant_kernels.library() is not None:                      # the kernel ran (rotate falls back to torch ops)
         assert torch.equal(quant_kernels.rope(x, cos, signed_sin), apply_rope(x, emb.cos(), emb.sin()))
+
+
+# ------------------------------------------------------------------------------------------ whole-step kernel
+
+def _fast_model(mode: str, seed: int = 0) -> Qwen2VL:
+    """tiny(mode) with FastLinear in float32 too, as fast_paths sets it up: every linear has a decode kernel."""
+    model = tiny(mode, seed)
+    if mode == "fp32":
+        use_fast_linears(model)
+    return model
+
+
+def _decode(model: Qwen2VL, decoder: FastDecoder, n: int = 6) -> tuple[list[torch.Tensor], object]:
+    """_decode_logits with `decoder.step`, and the cache it filled."""
+    seen = []
+
+    def step(tokens, cache, delta):
+        seen.append(cache)
+        return decoder.step(tokens, cache, delta)
+    return _decode_logits(model, step, n), seen[-1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_whole_step_kernel_is_bit_identical_to_the_per_op_step(mode):
+    """decode_step.cpp runs the per-op step's kernels in the same order on the same values: the same logits and
+    the same cache, bit for bit (a left-padded batch with an image, so the masked attention too)."""
+    model = _fast_model(mode)
+    whole = FastDecoder(model)
+    got, got_cache = _decode(model, whole)
+    want, want_cache = _decode(model, FastDecoder(model, whole_step=False))
+    assert whole._plan is not None and whole._plan.words is not None          # the kernel ran
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got_cache.keys, want_cache.keys) and torch.equal(got_cache.values, want_cache.values)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_whole_step_plan_follows_weight_changes(mode):
+    """A plan holds addresses and converted copies (float32 biases of a bf16 model): replacing the tensors
+    (load_state_dict(assign=True)) or changing one in place must give a new plan, not stale weights."""
+    model, other = _fast_model(mode, seed=0), _fast_model(mode, seed=1)
+    decoder = FastDecoder(model)
+    _decode(model, decoder)
+    model.load_state_dict(other.state_dict(), assign=True)
+    got, _ = _decode(model, decoder)
+    want, _ = _decode(other, FastDecoder(other, whole_step=False))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.mul_(3)                 # a view of the fused qkv bias
+    got, _ = _decode(model, decoder)
+    want, _ = _decode(model, FastDecoder(model, whole_step=False))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_whole_step_kernel_declines_layers_without_a_decode_kernel():
+    """Plain nn.Linear (no FastLinear swap): the per-op step runs, with the same results."""
+    model = tiny("fp32")
+    decoder = FastDecoder(model)
+    got, _ = _decode(model, decoder)
+    assert decoder._plan is not None and decoder._plan.words is None
+    want, _ = _decode(model, FastDecoder(model, whole_step=False))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
