@@ -36,7 +36,8 @@ from .text import RMSNorm
 
 
 class FastDecoder:
-    """Decode steps of one Qwen2-VL model (it fuses the model's projections in place on construction)."""
+    """Decode steps of one Qwen2-VL model (it fuses the model's projections in place on construction).
+    whole_step=False keeps every step op by op (the whole-step kernel's reference in tests and benchmarks)."""
 
     def __init__(self, model: Qwen2VL, whole_step: bool = True):
         cfg = model.config.text

@@ -11,6 +11,8 @@
 * `qwen2_vl_fast.FastDecoder.step` vs `qwen2_vl_generation.decode_step` on a tiny random Qwen2-VL (with an image, and
   a left-padded batch): logits within 1e-5 of their scale in float32 (2e-2 in bf16 / int8 / int4, where both
   paths round activations to bf16 but not at the same points), greedy tokens identical over 12 steps in every mode.
+* the whole-step kernel (decode_step.cpp) vs FastDecoder's per-op step: the same logits and KV cache bit for bit in
+  every mode; a new plan after the weights are replaced or changed in place; layers without a decode kernel decline.
 """
 from __future__ import annotations
 
