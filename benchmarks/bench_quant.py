@@ -225,12 +225,17 @@ else:
     for r in range(args.rounds):
         for mode, model in models.items():
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
-            tok_s = decode_speed(model, dtype)
-            runs[mode].append((tok_s, stream_bandwidth()))
-            per_op[mode].append(1000 / decode_speed(model, dtype, whole_step=False) - 1000 / tok_s)
-        print(f"  round {r + 1}: " + ", ".join(f"{mode} {runs[mode][-1][0]:.2f}" for mode in models) + " tok/s")
+            tok_s = {}
+            for whole in (True, False) if r % 2 == 0 else (False, True):        # alternate which goes first
+                tok_s[whole] = decode_speed(model, dtype, whole_step=whole)
+                if whole:
+                    runs[mode].append((tok_s[True], stream_bandwidth()))
+            per_op[mode].append(1000 / tok_s[False] - 1000 / tok_s[True])
+        print(f"  round {r + 1}: " + ", ".join(f"{mode} {runs[mode][-1][0]:.2f} (op by op {per_op[mode][-1]:+.1f} ms)"
+                                               for mode in models) + " tok/s")
     rows = {mode: summarise(runs[mode], nbytes[mode], runs.get("bf16")) for mode in models}
     for mode, row in rows.items():
+        row["per_op_step_extra_ms_rounds"] = per_op[mode]
         row["per_op_step_extra_ms_per_token"] = median(per_op[mode])
     print(f"{'mode':<6}{'GB/token':>10}{'tok/s':>9}{'ms/token':>10}{'GB/s':>7}{'roofline':>10}{'share':>8}{'x bf16':>8}"
           f"{'op by op':>10}   (medians of {args.rounds} rounds; share range; op by op: extra ms/token of the step "
