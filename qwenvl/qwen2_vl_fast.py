@@ -183,18 +183,12 @@ class DecodePlan:
 
     @classmethod
     def build(cls, decoder: FastDecoder, modules: list[list], cache: KVCache, h: Tensor, key: tuple) -> "DecodePlan":
-        b, dtype = h.shape[0], h.dtype
-        norms = [m for row in modules for m in row if isinstance(m, RMSNorm)]
         linears = [[getattr(m, "decode_kernel", lambda: None)() for m in row[:4]] for row in modules[:-1]]
-        if (dtype not in (torch.float32, torch.bfloat16) or b > quant_kernels.FAST_MAX_ROWS
-                or quant_kernels.library() is None or any(k is None for row in linears for k in row)
-                or cache.keys.dtype != dtype or cache.values.dtype != dtype or not cache.keys.is_contiguous()
-                or not cache.values.is_contiguous() or len({n.eps for n in norms}) != 1
-                or any(n.weight.dtype != dtype or not n.weight.is_contiguous() for n in norms)
-                or not all(cls._shapes_fit(decoder, h.shape[-1], row, linears[0][2].n) for row in linears)):
+        norms = [m for row in modules for m in row if isinstance(m, RMSNorm)]
+        if cls.declines(decoder, linears, norms, cache, h):
             return cls(key, None)
-        header = [b, h.shape[-1], decoder.heads, decoder.kv_heads, decoder.head_dim, len(linears),
-                  int(dtype == torch.bfloat16), modules[0][4].weight.data_ptr(),
+        header = [h.shape[0], h.shape[-1], decoder.heads, decoder.kv_heads, decoder.head_dim, len(linears),
+                  int(h.dtype == torch.bfloat16), modules[0][4].weight.data_ptr(),
                   *cache.keys.stride()[1:4], *cache.values.stride()[1:4]]
         words = list(header)
         for i, (row, kernels) in enumerate(zip(modules[:-1], linears)):
@@ -203,3 +197,22 @@ class DecodePlan:
             words += [row[5].weight.data_ptr(), next_norm.weight.data_ptr(), cache.keys[i].data_ptr(),
                       cache.values[i].data_ptr()]
         return cls(key, torch.tensor(words, dtype=torch.int64), norms[0].eps, keep=tuple(linears))
+
+    @classmethod
+    def declines(cls, decoder: FastDecoder, linears: list[list], norms: list[RMSNorm], cache: KVCache,
+                 h: Tensor) -> str | None:
+        """Why decode_step.cpp cannot run this step (None: it can)."""
+        dtype = h.dtype
+        if quant_kernels.library() is None:
+            return "no compiled kernels"
+        if dtype not in (torch.float32, torch.bfloat16) or h.shape[0] > quant_kernels.FAST_MAX_ROWS:
+            return f"{dtype} activations / {h.shape[0]} rows"
+        if any(k is None for row in linears for k in row):
+            return "a linear without a decode kernel"
+        if any(t.dtype != dtype or not t.is_contiguous() for t in (cache.keys, cache.values, *(n.weight for n in norms))):
+            return "the KV cache or a norm is not contiguous in the activations' dtype"
+        if len({n.eps for n in norms}) != 1:
+            return "norms with different eps"
+        if not all(cls._shapes_fit(decoder, h.shape[-1], row, linears[0][2].n) for row in linears):
+            return "layers of different shapes"
+        return None

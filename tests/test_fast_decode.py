@@ -33,7 +33,7 @@ from qwenvl.processor import preprocess_images
 from qwenvl.quantize import quantize_model
 from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
 from qwenvl.qwen2_vl_config import Qwen2VLConfig
-from qwenvl.qwen2_vl_fast import FastDecoder
+from qwenvl.qwen2_vl_fast import DecodePlan, FastDecoder
 from qwenvl.qwen2_vl_generation import VisionInputs, decode_step, generate, prefill
 from qwenvl.qwen2_vl_weights import load_model, save_checkpoint
 from qwenvl.sampling import SamplingParams
@@ -428,5 +428,10 @@ def test_whole_step_kernel_declines_layers_without_a_decode_kernel():
     decoder = FastDecoder(model)
     got, _ = _decode(model, decoder)
     assert decoder._plan is not None and decoder._plan.words is None
+    modules = decoder._step_modules()
+    linears = [[getattr(m, "decode_kernel", lambda: None)() for m in row[:4]] for row in modules[:-1]]
+    cache = new_kv_cache(model.config, 1, 8, torch.float32)
+    why = DecodePlan.declines(decoder, linears, [modules[0][4]], cache, torch.zeros(1, 1, 64))
+    assert why == "a linear without a decode kernel"
     want, _ = _decode(model, FastDecoder(model, whole_step=False))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
