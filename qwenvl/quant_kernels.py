@@ -71,7 +71,7 @@ SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"))          # one library; quant_kernels.h declares across them
 HEADER = SOURCE.with_name("quant_kernels.h")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {   # argument types of the extern "C" functions in quant_kernels.cpp
+SIGNATURES = {   # argument types of the library's extern "C" functions (quant_kernels.cpp, decode_step.cpp)
     "qk_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT, _INT],
     "qk_int4": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _INT, _INT],
     "qk_dense": [_P, _I64, _I64, _P, _INT, _P, _P, _I64, _INT, _INT],
@@ -427,7 +427,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _build() -> Path:
-    """Compile quant_kernels.cpp to a cached shared library (atomically: concurrent builds are harmless)."""
+    """Compile SOURCES to one cached shared library (atomically: concurrent builds are harmless)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx or not all(path.is_file() for path in (*SOURCES, HEADER)):
         raise RuntimeError(f"no C++ compiler on PATH ({cxx=}) or missing {[p.name for p in SOURCES]}")
