@@ -209,7 +209,8 @@ class DecodePlan:
             return f"{dtype} activations / {h.shape[0]} rows"
         if any(k is None for row in linears for k in row):
             return "a linear without a decode kernel"
-        if any(t.dtype != dtype or not t.is_contiguous() for t in (cache.keys, cache.values, *(n.weight for n in norms))):
+        tensors = (cache.keys, cache.values, *(n.weight for n in norms))
+        if any(t.dtype != dtype or not t.is_contiguous() for t in tensors):
             return "the KV cache or a norm is not contiguous in the activations' dtype"
         if len({n.eps for n in norms}) != 1:
             return "norms with different eps"
