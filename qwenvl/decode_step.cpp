@@ -61,11 +61,7 @@ void linear(const Linear& l, const void* x, int64_t M, void* y, int bf16, int th
 
 // Element i of a float32 or bfloat16 buffer as float32 (exact), and back (rounded as torch rounds).
 float load(const void* p, int64_t i, int bf16) {
-  if (!bf16) return static_cast<const float*>(p)[i];
-  const uint32_t u = (uint32_t) static_cast<const uint16_t*>(p)[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return bf16 ? qk_from_bf16(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
 void store(void* p, int64_t i, float v, int bf16) {

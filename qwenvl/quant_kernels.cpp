@@ -96,7 +96,7 @@ static inline f32v widen_w(const uint16_t* p) {
 }
 static inline f32v widen_w(const float* p) { return load<f32v>(p); }
 static inline float scalar_w(int8_t q) { return (float)q; }
-static inline float scalar_w(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float scalar_w(uint16_t h) { return qk_from_bf16(h); }
 static inline float scalar_w(float f) { return f; }
 
 // Runs block<BB>(row offset) over the M rows of x in chunks of 4, 2, 1 (BB = rows sharing each decoded weight).

@@ -4,6 +4,14 @@
 #include <cstdint>
 #include <cstring>
 
+// bfloat16 -> float32 (exact: a 16-bit shift).
+static inline float qk_from_bf16(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // float32 -> bfloat16, rounded to nearest even as torch rounds (nan stays a quiet nan).
 static inline uint16_t qk_to_bf16(float f) {
   uint32_t u;
