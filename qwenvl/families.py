@@ -122,9 +122,9 @@ class QwenVLFamily:
         return logits[:, -1], [0] * ids.shape[0]
 
     def decode(self, last: Tensor, cache: KVCache, rope_deltas: list[int]) -> Tensor:
-        n = last.shape[0]
-        return self.model(last, attention_mask=torch.ones(n, 1, dtype=torch.long), kv_cache=cache,
-                          last_only=True)[:, -1]                                          # [n, V]
+        from .generation import next_logits
+
+        return next_logits(self.model, last[:, 0], cache)                                # [n, V]
 
     # -- server
     def load_image(self, source: str, policy, min_pixels: int | None = None, max_pixels: int | None = None

@@ -2,7 +2,8 @@
 (`QWenVL.from_pretrained`), `qwenvl chat` and `qwenvl serve` (both through `families.load_family`).
 
     model = use_fast_paths(model)      # in place, right after loading for inference; returns the model
-    step = fast_step(model)            # Qwen2-VL: the decode step to pass as generate's `step=`; else None
+    step = fast_step(model)            # the attached decode step (Qwen2-VL: generate's `step=`; Qwen-VL: may
+                                       # return None, then run the forward), else None
 
 What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
     * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 and float32 decode GEMVs run on
@@ -10,6 +11,8 @@ What it switches on, each held against its reference path by tests/test_fast_dec
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
     * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
       decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
+    * Qwen-VL in float32 / bfloat16 with fusable MLPs: FastDecoderV1's whole decode step (qwen_vl_fast.py), which
+      returns None where it declines (the caller then runs the forward above).
 Checkpoint keys and `save_checkpoint`'s output are unchanged. Training and fine-tuning load with the plain
 `weights.load_model` and never come here. Turn it off with QWENVL_FAST=0 in the environment, or `fast=False`.
 """
@@ -23,6 +26,7 @@ from torch import nn
 
 from . import quant_kernels
 from .fast_linear import use_fast_linears
+from .fused_projections import decoder_layers, fusable
 
 ENV = "QWENVL_FAST"
 _OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
@@ -42,8 +46,10 @@ def fast_enabled(fast: bool | None = None) -> bool:
 
 def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
+    from .model import QWenLMHeadModel
     from .qwen2_vl import Qwen2VL
     from .qwen2_vl_fast import FastDecoder
+    from .qwen_vl_fast import FastDecoderV1
     from .text import QWenAttention
 
     if not fast_enabled(fast):
@@ -54,6 +60,9 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
             module.attend = attend
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
+    if (isinstance(model, QWenLMHeadModel) and model.transformer.wte.weight.dtype in _DECODER_DTYPES
+            and fusable(model)):
+        model.__dict__[_ATTACHED] = (FastDecoderV1(model), _fused_members(model))
     return model
 
 
@@ -75,6 +84,7 @@ def fast_step(model: nn.Module):
 
 
 def _fused_members(model: nn.Module) -> list[nn.Module]:
-    """The projections FastDecoder calls through its fused modules (o_proj, down_proj it reads from the layer)."""
-    return [m for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                         layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
+    """The projections the attached decoder calls through its fused modules (the others it reads from the layer)."""
+    layers, groups = decoder_layers(model)
+    return [getattr(getattr(layer, parent), m) for layer in layers for parent, members in groups.values()
+            for m in members]

@@ -1,4 +1,5 @@
-"""Fused q/k/v and gate/up projections of Qwen2-VL's decoder, with the checkpoint's keys and modules unchanged.
+"""Fused projections of the decoder (Qwen2-VL: q/k/v and gate/up; Qwen-VL: gate/up, its c_attn being packed already),
+with the checkpoint's keys and modules unchanged.
 
 A decode step multiplies one row by seven weights per layer; q, k, v read the same input, and so do gate and up.
 Fusing them concatenates their weights along the output dimension once, at load time, so a step makes two calls
@@ -11,7 +12,7 @@ The fused tensor owns the memory, and the original modules' tensors become row-s
 A load_state_dict post hook re-fuses after a load that replaced the tensors (assign=True); an ordinary load copies
 into the views, that is into the fused tensors. Works for nn.Linear (and FastLinear), Int8Linear and Int4Linear.
 
-    fused = fuse_projections(model)      # [{"qkv": module, "gate_up": module}] per decoder layer
+    fused = fuse_projections(model)      # [{"qkv": module, "gate_up": module}] per decoder layer (Qwen-VL: gate_up)
 """
 from __future__ import annotations
 
@@ -22,13 +23,34 @@ from .fast_linear import FastLinear
 from .quantize import Int4Linear, Int8Linear
 
 GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "gate_up": ("mlp", ("gate_proj", "up_proj"))}
+# Qwen-VL's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate (the silu branch), so it goes first.
+V1_GROUPS = {"gate_up": ("mlp", ("w2", "w1"))}
+
+
+def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], dict]:
+    """The decoder layers of a Qwen2-VL (`model.model.layers`) or Qwen-VL (`model.transformer.h`) and their groups."""
+    if hasattr(model, "transformer"):
+        return list(model.transformer.h), V1_GROUPS
+    return list(model.model.layers), GROUPS
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether every group of every layer is of one kind `fuse_linears` handles (e.g. not GPTQ linears)."""
+    layers, groups = decoder_layers(model)
+    kinds = (nn.Linear, FastLinear, Int8Linear, Int4Linear)
+    for layer in layers:
+        for parent_name, members in groups.values():
+            mods = [getattr(getattr(layer, parent_name), m) for m in members]
+            if len({type(m) for m in mods}) != 1 or type(mods[0]) not in kinds:
+                return False
+    return True
 
 
 def fuse_projections(model: nn.Module) -> list[dict[str, nn.Module]]:
-    """Fuse every layer of `model.model.layers` in place (idempotent); the fused modules, one dict per layer."""
+    """Fuse every decoder layer in place (idempotent); the fused modules, one dict per layer."""
     fused = model.__dict__.get("_fused_projections")
     if fused is None:
-        fused = model.__dict__["_fused_projections"] = [{} for _ in model.model.layers]
+        fused = model.__dict__["_fused_projections"] = [{} for _ in decoder_layers(model)[0]]
         model.register_load_state_dict_post_hook(lambda module, _keys: _refresh(module))
     _refresh(model)
     return fused
@@ -36,8 +58,9 @@ def fuse_projections(model: nn.Module) -> list[dict[str, nn.Module]]:
 
 def _refresh(model: nn.Module) -> None:
     """(Re-)fuse the groups whose member tensors are no longer views of their fused tensor."""
-    for layer, fused in zip(model.model.layers, model.__dict__["_fused_projections"]):
-        for name, (parent_name, members) in GROUPS.items():
+    layers, groups = decoder_layers(model)
+    for layer, fused in zip(layers, model.__dict__["_fused_projections"]):
+        for name, (parent_name, members) in groups.items():
             mods = [getattr(getattr(layer, parent_name), m) for m in members]
             if name not in fused or not _is_view_of(mods, fused[name]):
                 fused[name] = fuse_linears(mods)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .fast_paths import fast_step
 from .kv_cache import KVCache
 from .model import QWenLMHeadModel
 from .sampling import SamplingParams, ends_with_stop, sample
@@ -65,8 +66,18 @@ def generate_stream(
             return
         if seen is not None:
             seen[torch.arange(b), next_ids] = True
-        logits = model(next_ids[:, None], attention_mask=torch.ones(b, 1, dtype=torch.long),
-                       kv_cache=cache, last_only=True)[:, -1]
+        logits = next_logits(model, next_ids, cache)
+
+
+def next_logits(model: QWenLMHeadModel, next_ids: Tensor, cache: KVCache) -> Tensor:
+    """Logits [B, V] after feeding one token per row [B]: the whole decode step fast_paths attached where it runs
+    (qwen_vl_fast.FastDecoderV1), else the forward."""
+    step = fast_step(model)
+    logits = None if step is None else step(next_ids, cache)
+    if logits is None:
+        ones = torch.ones(next_ids.shape[0], 1, dtype=torch.long)
+        logits = model(next_ids[:, None], attention_mask=ones, kv_cache=cache, last_only=True)[:, -1]
+    return logits
 
 
 def generate(model: QWenLMHeadModel, input_ids: Tensor, params: SamplingParams, **kwargs) -> Tensor:

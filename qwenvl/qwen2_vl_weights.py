@@ -24,6 +24,7 @@ from .weights import (
     checkpoint_files,
     config_path,
     iter_tensors,
+    own_storage,
     raise_if_mismatched,
     resolve_dtype,
 )
@@ -108,7 +109,7 @@ def save_checkpoint(model: Qwen2VL, out_dir: str | Path, layout: str = "hub", dt
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rename = hub_key if layout == "hub" else transformers_key
-    state = {rename(k): _own((v.to(dtype) if dtype and v.is_floating_point() else v).contiguous())
+    state = {rename(k): own_storage((v.to(dtype) if dtype and v.is_floating_point() else v).contiguous())
              for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == HEAD)}
     config = model.config.to_dict()
     if dtype is not None:
@@ -117,8 +118,3 @@ def save_checkpoint(model: Qwen2VL, out_dir: str | Path, layout: str = "hub", dt
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
 
-
-def _own(t: Tensor) -> Tensor:
-    """t, or a copy of it when it is a view into a larger tensor (fused_projections): safetensors refuses to write
-    tensors that share memory."""
-    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()

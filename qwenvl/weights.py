@@ -189,12 +189,19 @@ def _restore_frozen(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def own_storage(t: Tensor) -> Tensor:
+    """t, or a copy of it when it is a view into a larger tensor (fused_projections): safetensors refuses to write
+    tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def save_checkpoint(model: QWenLMHeadModel, out_dir: str | Path, generation_config: GenerationConfig | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write config.json (+ generation_config.json) and model.safetensors in the official layout, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    state = {k: own_storage((v.to(dtype) if dtype and v.is_floating_point() else v).contiguous())
+             for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -105,12 +105,12 @@ def n_fast_linears(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------ Qwen-VL: chat API
 
 @pytest.fixture
-def attention_calls(monkeypatch):
-    """How often the decode-attention kernel computed a Qwen-VL attention (0 without the compiled kernels)."""
-    return count_kernel_results(monkeypatch, "decode_attention")
+def whole_step_calls(monkeypatch):
+    """How often a Qwen-VL decode step ran as one kernel call (qwen_vl_fast; 0 without the compiled kernels)."""
+    return count_kernel_results(monkeypatch, "decode_step")
 
 
-def test_v1_chat_greedy_answer_is_the_same_with_the_fast_paths(v1_dir, kernel_calls, attention_calls):
+def test_v1_chat_greedy_answer_is_the_same_with_the_fast_paths(v1_dir, kernel_calls, whole_step_calls):
     tok = AutoTokenizer.from_pretrained(v1_dir)
     fast, ref = AutoModelForCausalLM.from_pretrained(v1_dir), AutoModelForCausalLM.from_pretrained(v1_dir, fast=False)
     assert fast.model.lm_head.weight.dtype == torch.bfloat16
@@ -121,12 +121,12 @@ def test_v1_chat_greedy_answer_is_the_same_with_the_fast_paths(v1_dir, kernel_ca
         answers[name] = model.chat(tok, "Hello, who are you?", do_sample=False)[0]
         answers[name + "_stream"] = list(model.chat_stream(tok, "Hello, who are you?", do_sample=False))[-1]
         answers[name + "_calls"] = kernel_calls[0]
-        answers[name + "_attention"], attention_calls[0] = attention_calls[0], 0
+        answers[name + "_steps"], whole_step_calls[0] = whole_step_calls[0], 0
     assert answers["fast"] == answers["ref"] == answers["fast_stream"] == answers["ref_stream"]
     assert answers["fast"]
-    assert answers["ref_calls"] == answers["ref_attention"] == 0
+    assert answers["ref_calls"] == answers["ref_steps"] == 0
     assert answers["fast_calls"] > 0 or quant_kernels.library() is None
-    assert answers["fast_attention"] > 0 or quant_kernels.library() is None
+    assert answers["fast_steps"] > 0 or quant_kernels.library() is None
 
 
 def test_v1_load_then_save_writes_the_checkpoint_tensors(v1_dir, tmp_path):
