@@ -55,7 +55,7 @@ class FastDecoder:
         rope = self._rope(cache.next_position + rope_delta)                            # 2 x [B, 1, 1, D]
         mask = self._mask(cache)
         h = self.model.model.embed_tokens(next_ids[:, None])                           # [B, 1, C]
-        plan = self._whole_step_plan(cache, h) if self.whole_step else None
+        plan = DecodePlan.current(self, cache, h) if self.whole_step else None
         if plan is not None:
             b, d = h.shape[0], self.head_dim
             visible = None if mask is None else mask.reshape(b, -1).to(torch.uint8)   # [B, S + 1]
@@ -71,14 +71,6 @@ class FastDecoder:
             h, x = add_norm(h, layer.mlp.down_proj(silu_mul(fused["gate_up"](x))), after)   # gate_up: [B, 1, 2I]
         cache.advance(torch.ones(h.shape[0], 1, dtype=torch.bool))
         return self.model.lm_head(x)[:, -1]                                            # [B, V]
-
-    def _whole_step_plan(self, cache: KVCache, h: Tensor) -> "DecodePlan | None":
-        """The plan for this cache and these weights (rebuilt when anything it names changed), or None."""
-        modules = self._step_modules()
-        key = DecodePlan.key(modules, cache, h)
-        if self._plan is None or self._plan.key_ != key:
-            self._plan = DecodePlan.build(self, modules, cache, h, key)
-        return self._plan if self._plan.words is not None else None
 
     def _step_modules(self) -> list[list]:
         """Per layer: the fused qkv, o_proj, fused gate_up, down_proj, and the norms; the final norm last."""
@@ -165,6 +157,17 @@ class DecodePlan:
 
     def __init__(self, key: tuple, words: Tensor | None, eps: float = 0.0, keep: tuple = ()):
         self.key_, self.words, self.eps, self.keep = key, words, eps, keep
+
+    @classmethod
+    def current(cls, decoder, cache: KVCache, h: Tensor) -> "DecodePlan | None":
+        """The decoder's plan for this cache and these weights (kept in `decoder._plan`, rebuilt when anything it
+        names changed), or None where the whole-step kernel does not apply. The decoder (FastDecoder, qwen_vl_fast.
+        FastDecoderV1) gives heads, kv_heads, head_dim and `_step_modules()`."""
+        modules = decoder._step_modules()
+        key = cls.key(modules, cache, h)
+        if decoder._plan is None or decoder._plan.key_ != key:
+            decoder._plan = cls.build(decoder, modules, cache, h, key)
+        return decoder._plan if decoder._plan.words is not None else None
 
     @staticmethod
     def key(modules: list[list], cache: KVCache, h: Tensor) -> tuple:

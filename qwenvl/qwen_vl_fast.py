@@ -46,7 +46,7 @@ class FastDecoderV1:
         if self.declines(cache) is not None:
             return None
         h = self.model.transformer.wte(next_ids[:, None])                             # [B, 1, C]
-        plan = self._whole_step_plan(cache, h)
+        plan = DecodePlan.current(self, cache, h)
         if plan is None:
             return None
         cache.check_room(1)
@@ -79,13 +79,6 @@ class FastDecoderV1:
         cos, sin = cos[:, 0, 0], sin[:, 0, 0]                                           # [B, D]
         half = sin.shape[-1] // 2
         return cos.contiguous(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-
-    def _whole_step_plan(self, cache: KVCache, h: Tensor) -> DecodePlan | None:
-        modules = self._step_modules()
-        key = DecodePlan.key(modules, cache, h)
-        if self._plan is None or self._plan.key_ != key:
-            self._plan = DecodePlan.build(self, modules, cache, h, key)
-        return self._plan if self._plan.words is not None else None
 
     def _step_modules(self) -> list[list]:
         """Per layer: c_attn, attn.c_proj, the fused [w2; w1], mlp.c_proj, ln_1, ln_2; ln_f last (DecodePlan's rows)."""
