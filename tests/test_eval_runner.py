@@ -69,6 +69,23 @@ def vqa_run(model_dir, sets, tmp_path_factory):
 # ------------------------------------------------------------------ end to end, batching, resume
 
 
+def test_local_model_decodes_on_the_fast_paths_with_the_reference_answers(model_dir, sets, local, monkeypatch):
+    from qwenvl import generation
+
+    reference = LocalModel.from_dir(model_dir, "float32", fast=False)
+    assert generation.fast_step(local.model) is not None and generation.fast_step(reference.model) is None
+    samples = read_vqa(sets / "vqa_en.jsonl", ReadOptions())[:3]
+    expected = reference.generate(samples, max_new_tokens=5)
+    steps, found = [], generation.fast_step
+
+    def counted(model):
+        step = found(model)
+        return None if step is None else (lambda *a: steps.append(1) or step(*a))
+    monkeypatch.setattr(generation, "fast_step", counted)
+    assert local.generate(samples, max_new_tokens=5) == expected
+    assert len(steps) == 4                                   # 5 new tokens: the prefill, then 4 whole steps
+
+
 def test_batched_run_equals_one_sample_at_a_time(model_dir, sets, vqa_run, tmp_path, capsys):
     assert run("--task", "vqa", "--data", sets / "vqa_en.jsonl", "--model", model_dir, "--out", tmp_path,
                "--batch-size", 3) == 0

@@ -54,7 +54,10 @@ class LocalModel:
         self.model, self.tokenizer = model.eval(), tokenizer
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, dtype: str = "auto") -> "LocalModel":
+    def from_dir(cls, model_dir: str | Path, dtype: str = "auto", fast: bool | None = None) -> "LocalModel":
+        """The checkpoint in `model_dir`, on the fast paths unless `fast` is False (None: unless QWENVL_FAST=0),
+        as the chat API and the server load it."""
+        from ..fast_paths import use_fast_paths
         from ..families import family_name
         from ..tokenizer import QWenTokenizer
         from ..weights import load_model
@@ -62,7 +65,7 @@ class LocalModel:
         if family_name(model_dir) == "qwen2_vl":
             raise ValueError(f"{model_dir} is a Qwen2-VL checkpoint: evaluate it through `qwenvl serve --model "
                              f"{model_dir}` and `qwenvl eval --endpoint URL` (the official eval scripts are v1's)")
-        return cls(load_model(model_dir, dtype), QWenTokenizer.from_pretrained(model_dir))
+        return cls(use_fast_paths(load_model(model_dir, dtype), fast), QWenTokenizer.from_pretrained(model_dir))
 
     # ------------------------------------------------------------------ inputs
 
