@@ -384,3 +384,15 @@ def build_task(rng: random.Random, task: str, lang: str, spec: SceneSpec = Scene
         except NotApplicable:
             continue
     raise RuntimeError(f"{task=} did not apply to any of {max_tries} scenes from {spec}")
+
+
+def answer_is_right(task: str, fields: dict, answer: str) -> bool:
+    """Whether `answer` to a task instance (its `TaskResult.task` and `.fields`) is right, as the demo model's
+    checks count it: grounding by IoU >= 0.5 with the true pixel box (answers in the world's /1000 boxes), every
+    other task by exact match after trimming spaces, a final full stop and case.
+    Example: ("vqa_colour", {"answer": "red"}, " Red.") -> True."""
+    if task == "grounding":
+        from qwenvl.evaluation.refcoco import grounding_iou      # torch-based; the world itself does not need it
+
+        return grounding_iou(answer, fields["bbox"], fields["width"], fields["height"], scale=1000) >= 0.5
+    return answer.strip().strip(".。").lower() == str(fields["answer"]).strip().lower()

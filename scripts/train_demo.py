@@ -47,7 +47,7 @@ from qwenvl.adapter_init import init_adapter_from_data
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
 from qwenvl.generation import generate, left_pad
-from qwenvl.evaluation.refcoco import grounding_iou
+from qwenvl.synthetic_tasks import answer_is_right
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
@@ -430,12 +430,7 @@ EVAL_TASKS = [("vqa_" + k, lang) for k in ("colour", "shape", "count", "position
 
 
 def score(sample: Sample, answer: str) -> float:
-    """1 for a right answer: IoU >= 0.5 for grounding (pixels; the world's boxes are /1000), else normalised
-    exact match."""
-    if sample.task == "grounding":
-        w, h = sample.fields["width"], sample.fields["height"]
-        return float(grounding_iou(answer, sample.fields["bbox"], w, h, scale=1000) >= 0.5)
-    return float(answer.strip().strip(".。").lower() == str(sample.fields["answer"]).strip().lower())
+    return float(answer_is_right(sample.task, sample.fields, answer))
 
 
 @torch.no_grad()

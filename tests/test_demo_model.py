@@ -18,7 +18,7 @@ import pytest
 
 from qwenvl import AutoModelForCausalLM, AutoTokenizer
 from qwenvl.cli import DEMO_MODEL_DIR
-from qwenvl.evaluation.refcoco import grounding_iou
+from qwenvl.synthetic_tasks import answer_is_right
 from qwenvl.synthetic import build_task, render_scene
 
 N = 12
@@ -34,13 +34,6 @@ def demo():
     assert (DEMO_MODEL_DIR / "config.json").is_file(), "the demo model is not bundled"
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype="float32").eval()
     return model, AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-
-
-def _right(result, response: str) -> bool:
-    if result.task == "grounding":
-        w, h = result.fields["width"], result.fields["height"]
-        return grounding_iou(response, result.fields["bbox"], w, h, scale=1000) >= 0.5
-    return response.strip().strip(".。").lower() == str(result.fields["answer"]).lower()
 
 
 @pytest.fixture
@@ -66,7 +59,7 @@ def _answers(model, tok, tmp_path, task: str, lang: str) -> list[tuple]:
 @pytest.mark.parametrize("task,lang", list(FLOORS))
 def test_demo_model_answers_held_out_questions(demo, short_dir, task, lang):
     answers = _answers(*demo, short_dir, task, lang)
-    right = sum(_right(result, response) for result, response in answers)
+    right = sum(answer_is_right(result.task, result.fields, response) for result, response in answers)
     assert right / N >= FLOORS[(task, lang)], f"{task} {lang}: {right}/{N}"
 
 

@@ -284,3 +284,14 @@ def test_eval_files_have_the_documented_fields(tmp_path):
         assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
     en, zh = read("grounding_en.jsonl"), read("grounding_zh.jsonl")
     assert [r["bbox"] for r in en] == [r["bbox"] for r in zh]     # the zero-shot set asks about the same objects
+def test_answer_is_right_counts_exact_answers_and_boxes_by_iou():
+    from qwenvl.synthetic_tasks import answer_is_right
+
+    assert answer_is_right("vqa_colour", {"answer": "red"}, " Red.")
+    assert answer_is_right("vqa_count", {"answer": 3}, "3。")
+    assert not answer_is_right("vqa_colour", {"answer": "red"}, "dark red")
+    box = {"bbox": (20, 20, 60, 60), "width": 200, "height": 100}            # pixels; answers are /1000
+    assert answer_is_right("grounding", box, "<box>(100,200),(300,600)</box>")
+    assert answer_is_right("grounding", box, "<ref>it</ref><box>(110,210),(310,610)</box>")
+    assert not answer_is_right("grounding", box, "<box>(300,600),(500,1000)</box>")
+    assert not answer_is_right("grounding", box, "no box")
