@@ -50,7 +50,7 @@ from .peft_format import PREFIX, adapter_keys, load_adapter, save_adapter
 from .quantize import quantize_model
 from .tokenizer import QWenTokenizer
 from .train import LossLog, adamw, atomic_torch_save, cosine_lr, plot_losses, set_trainable
-from .weights import DTYPES, load_config, load_generation_config, load_model, save_checkpoint
+from .weights import DTYPES, load_config, load_generation_config, load_model, save_checkpoint, write_checkpoint
 
 METHODS = ("full", "lora", "qlora")
 PARTS = ("vit", "adapter", "llm")
@@ -407,23 +407,13 @@ def load_train_state(run: Run) -> int:
     return int(state["step"])
 
 
-class _Weights:
-    """What save_checkpoint reads from a model (state dict + config), for a gathered state."""
-
-    def __init__(self, state: dict[str, Tensor], config) -> None:
-        self._state, self.config = state, config
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self._state
-
-
 def write_result(run: Run) -> None:
     """Rank 0 writes the adapter (PEFT format) or the full checkpoint (official layout) + tokenizer into OUT."""
     args, state = run.args, model_state(run)
     if run.world.main:
         if run.spec is None:
             dtype = DTYPES.get(load_config(args.model).torch_dtype, torch.float32)
-            save_checkpoint(_Weights(state, run.model.config), args.out, load_generation_config(args.model), dtype)
+            write_checkpoint(state, run.model.config, args.out, load_generation_config(args.model), dtype)
         else:
             tensors = {k: state[k.removeprefix(PREFIX)].contiguous() for k in adapter_keys(run.model, run.spec)}
             save_adapter(run.model, run.spec, args.out, str(args.model), tensors)

@@ -198,15 +198,21 @@ def own_storage(t: Tensor) -> Tensor:
 def save_checkpoint(model: QWenLMHeadModel, out_dir: str | Path, generation_config: GenerationConfig | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write config.json (+ generation_config.json) and model.safetensors in the official layout, atomically."""
+    return write_checkpoint(model.state_dict(), model.config, out_dir, generation_config, dtype)
+
+
+def write_checkpoint(state: dict[str, Tensor], config: QWenConfig, out_dir: str | Path,
+                     generation_config: GenerationConfig | None = None, dtype: torch.dtype | None = None) -> Path:
+    """save_checkpoint for a state dict that is not a module's (e.g. one gathered from sharded ranks)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: own_storage((v.to(dtype) if dtype and v.is_floating_point() else v).contiguous())
-             for k, v in model.state_dict().items()}
-    config = model.config.to_dict()
+             for k, v in state.items()}
+    config_dict = config.to_dict()
     if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write(out / SAFE_SINGLE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2, ensure_ascii=False)))
     if generation_config is not None:
         text = json.dumps(generation_config.to_dict(), indent=2)
         atomic_write(out / "generation_config.json", lambda p: p.write_text(text))
