@@ -31,7 +31,7 @@ from qwenvl.synthetic_scenes import (  # noqa: F401  (re-exported: the public AP
     sample_scene, shape_mask, to_1000, with_objects,
 )
 from qwenvl.synthetic_refs import NotApplicable, Ref, TaskResult, matching, refer  # noqa: F401
-from qwenvl.synthetic_tasks import TASKS, VQA_TASKS, build_task, caption_text  # noqa: F401
+from qwenvl.synthetic_tasks import TASKS, VQA_TASKS, answer_is_right, build_task, caption_text  # noqa: F401
 from qwenvl.synthetic_world import COLOURS, EN_WORDS, SHAPES, ZH_WORDS, colour_name, shape_name, zh_number
 
 SYSTEM = "You are a helpful assistant."

@@ -47,14 +47,13 @@ from qwenvl.adapter_init import init_adapter_from_data
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
 from qwenvl.generation import generate, left_pad
-from qwenvl.synthetic_tasks import answer_is_right
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
 from qwenvl.sampling import SamplingParams
 from qwenvl.bpe import save_tiktoken, train_bpe
-from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, build_task, render_scene, sample_scene,
-                              to_conversations, world_text)
+from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, answer_is_right, build_task, render_scene,
+                              sample_scene, to_conversations, world_text)
 from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
 from qwenvl.train import LossLog, adamw, atomic_torch_save, cosine_lr, load_state, plot_losses, save_state, set_trainable

@@ -18,8 +18,7 @@ import pytest
 
 from qwenvl import AutoModelForCausalLM, AutoTokenizer
 from qwenvl.cli import DEMO_MODEL_DIR
-from qwenvl.synthetic_tasks import answer_is_right
-from qwenvl.synthetic import build_task, render_scene
+from qwenvl.synthetic import answer_is_right, build_task, render_scene
 
 N = 12
 # (task, lang) -> the smallest share of right answers accepted out of N.

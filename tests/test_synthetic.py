@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qwenvl.synthetic import (
-    TASKS, Ref, SceneSpec, box_1000, build_task, make_sample, matching, object_mask, refer, render_scene,
+    TASKS, Ref, SceneSpec, answer_is_right, box_1000, build_task, make_sample, matching, object_mask, refer, render_scene,
     sample_rng, sample_scene, to_1000, world_text, write_eval_sets,
 )
 from qwenvl.synthetic_scenes import shape_mask, text_mask
@@ -284,9 +284,9 @@ def test_eval_files_have_the_documented_fields(tmp_path):
         assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
     en, zh = read("grounding_en.jsonl"), read("grounding_zh.jsonl")
     assert [r["bbox"] for r in en] == [r["bbox"] for r in zh]     # the zero-shot set asks about the same objects
-def test_answer_is_right_counts_exact_answers_and_boxes_by_iou():
-    from qwenvl.synthetic_tasks import answer_is_right
 
+
+def test_answer_is_right_counts_exact_answers_and_boxes_by_iou():
     assert answer_is_right("vqa_colour", {"answer": "red"}, " Red.")
     assert answer_is_right("vqa_count", {"answer": 3}, "3。")
     assert not answer_is_right("vqa_colour", {"answer": "red"}, "dark red")
