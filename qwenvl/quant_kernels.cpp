@@ -258,7 +258,7 @@ static inline void vnni_dot(const Split16& x, int64_t m, const float* xf, int64_
     }
 }
 
-static int vnni_on = 1;             // qk_int8_vnni(0) turns this path off (tests compare both, benchmarks time both)
+static int vnni_on = 1;             // qk_switch(QK_SWITCH_INT8_VNNI, 0) turns this path off
 
 static void int8_matvec_vnni(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
                              const float* bias, float* y, int64_t N, int threads) {
@@ -359,7 +359,7 @@ static void int4_dot_bf16(const uint16_t* xe, const uint16_t* xo, const float* x
   }
 }
 
-static int bf16_dot_on = 1;         // qk_bf16_dot(0) turns this path off (tests compare both, benchmarks time both)
+static int bf16_dot_on = 1;         // qk_switch(QK_SWITCH_BF16_DOT, 0) turns this path off
 
 // x: one row of bf16 [K]; K % group == 0, group % 64 == 0.
 static void int4_matvec_bf16(const uint16_t* x, int64_t K, const uint8_t* w, const float* scale, const uint8_t* zero,
@@ -402,6 +402,149 @@ static void int4_matvec(const float* x, int64_t M, int64_t K, const uint8_t* w, 
       for (int r = 0; r < R; r++) y[(m + b) * N + n + r] = s[b][r] + (bias ? bias[n + r] : 0.f);
   });
 }
+
+#if defined(__AVX2__)
+// ------------------------------------------------------------------------------------------ int4, integer (AVX2)
+
+// Without AVX-512, converting every code to float (int4_dot: ~14 vector instructions per 8 weights) bounds int4 far
+// below the memory. Here x is quantised per group of inputs to integers X (|X| <= 127 * 256^(P-1): to 2^-15 of the
+// group's largest |x| with P = 2 bytes for bfloat16 inputs, 2^-23 with P = 3 for float32), written as P signed bytes
+// (X = sum_p d_p 256^(P-1-p), each d_p in [-128, 127]), and the codes meet the bytes in vpmaddubsw (32 unsigned codes
+// times signed bytes, pairs added in int16): 12 instructions per 64 weights for P = 2, with exact integer sums.
+//     sum_k W[n, k] x_k = sum_g s_g xs_g (sum_k q_k X_k - z_g sum_k X_k),   x_k ~ xs_g X_k
+// Worked example (P = 2, a group whose largest |x| is 2.0): xs = 2 / 32512; x = 0.75 -> X = 12192 = 48 * 256 - 96:
+// the bytes 48 and -96.
+constexpr int64_t CHUNK = 64;       // inputs per 32 bytes of codes; a group is a whole number of chunks
+
+template <int P> struct ByteSplit {
+  int64_t C = 0, G = 0;             // chunks and groups per row
+  std::vector<int8_t> bytes;        // [M, C, P, 2, 32]: per chunk and byte, the 32 even inputs then the 32 odd ones
+  std::vector<float> xs, zx;        // [M, G]: the group's scale xs, and xs * sum_k X_k (for the zero points)
+};
+
+template <int P>
+static void byte_split(const float* x, int64_t M, int64_t K, int64_t group, ByteSplit<P>& s) {
+  constexpr float top_int = P == 2 ? 127.f * 256 : 127.f * 65536;
+  s.C = K / CHUNK, s.G = K / group;
+  s.bytes.resize(M * s.C * P * CHUNK), s.xs.resize(M * s.G), s.zx.resize(M * s.G);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < s.G; g++) {
+      const float* v = x + m * K + g * group;
+      float top = 0.f, probe = 0.f;                                // probe: nan if any x is inf or nan
+      for (int64_t k = 0; k < group; k++) top = std::max(top, std::fabs(v[k])), probe += v[k] * 0.f;
+      const bool finite = !std::isnan(probe);
+      const float inv = finite && top > 0.f ? top_int / top : 0.f;
+      int64_t sum = 0;
+      for (int64_t k = 0; k < group; k++) {
+        int32_t X = (int32_t)std::nearbyint(v[k] * inv);
+        sum += X;
+        const int64_t i = g * group + k, c = i / CHUNK, j = (i % CHUNK) / 2, odd = i & 1;
+        int8_t* chunk = s.bytes.data() + ((m * s.C + c) * P) * CHUNK;
+        for (int p = P - 1; p >= 0; p--) {                         // lowest byte first: d = X - 256 * round(X / 256)
+          chunk[p * CHUNK + odd * 32 + j] = (int8_t)(((X + 128) & 255) - 128);
+          X = (X + 128) >> 8;
+        }
+      }
+      s.xs[m * s.G + g] = finite ? top / top_int : NAN;           // a row with inf or nan gives nan outputs
+      s.zx[m * s.G + g] = finite ? s.xs[m * s.G + g] * (float)sum : NAN;
+    }
+}
+
+static inline float hsum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// The zero points' share of one row of outputs: sum_g s_g z_g zx_g (8 groups per step, the rest one by one).
+static inline float zero_point_sum(const float* scale, const uint8_t* zero, const float* zx, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g))));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + g), z), _mm256_loadu_ps(zx + g), acc);
+  }
+  float sum = hsum8(acc);
+  for (; g < G; g++) sum += scale[g] * (float)zero[g] * zx[g];
+  return sum;
+}
+
+// out[b][r] = sum_k x[m + b, k] W[r, k] for R rows of codes (32 bytes per chunk of 64 inputs; row stride K / 2) with
+// their scales and zero points (row stride G), groups of CPG chunks (1, 2 or 4: the int16 sums of a group, 2 * 2 *
+// 15 * 128 = 7680 per chunk and lane, stay below 2^15).
+template <int P, int BB, int R, int CPG>
+static inline void int4_dot_i8(const ByteSplit<P>& x, int64_t m, const uint8_t* w, const float* scale,
+                               const uint8_t* zero, float (&out)[BB][R]) {
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), b256 = _mm256_set1_epi16(256);
+  const int64_t C = x.C, G = x.G, K2 = C * 32;
+  const int8_t* bytes = x.bytes.data() + m * C * P * CHUNK;
+  const float* xs = x.xs.data() + m * G;
+  __m256 f[BB][R];
+  for (int b = 0; b < BB; b++)
+    for (int r = 0; r < R; r++) f[b][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    __m256i a[BB][R][P];
+    for (int b = 0; b < BB; b++)
+      for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) a[b][r][p] = _mm256_setzero_si256();
+    for (int c = 0; c < CPG; c++) {
+      __m256i even[R], odd[R];
+      for (int r = 0; r < R; r++) {
+        const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K2 + (g * CPG + c) * 32));
+        even[r] = _mm256_and_si256(codes, low4), odd[r] = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+      }
+      for (int b = 0; b < BB; b++) {
+        const int8_t* d = bytes + (b * C + g * CPG + c) * P * CHUNK;
+        for (int p = 0; p < P; p++) {
+          const __m256i de = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + p * CHUNK));
+          const __m256i dod = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + p * CHUNK + 32));
+          for (int r = 0; r < R; r++)
+            a[b][r][p] = _mm256_add_epi16(a[b][r][p], _mm256_add_epi16(_mm256_maddubs_epi16(even[r], de),
+                                                                       _mm256_maddubs_epi16(odd[r], dod)));
+        }
+      }
+    }
+    for (int b = 0; b < BB; b++)                     // int32: 256 * (first byte's sums) + second's; then the third
+      for (int r = 0; r < R; r++) {
+        __m256 t = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(a[b][r][0], b256),
+                                                       _mm256_madd_epi16(a[b][r][1], ones)));
+        if constexpr (P == 3)
+          t = _mm256_fmadd_ps(t, _mm256_set1_ps(256.f), _mm256_cvtepi32_ps(_mm256_madd_epi16(a[b][r][2], ones)));
+        f[b][r] = _mm256_fmadd_ps(t, _mm256_set1_ps(scale[r * G + g] * xs[b * G + g]), f[b][r]);
+      }
+  }
+  for (int b = 0; b < BB; b++)
+    for (int r = 0; r < R; r++)
+      out[b][r] = hsum8(f[b][r]) - zero_point_sum(scale + r * G, zero + r * G, x.zx.data() + (m + b) * G, G);
+}
+
+static int int4_i8_on = 1;          // qk_switch(QK_SWITCH_INT4_I8, 0) turns this path off
+
+// Takes groups of 64, 128 or 256 inputs. Two rows of codes at a time (one row of x; one row of codes for more).
+template <int P>
+static void int4_matvec_i8(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
+                           const uint8_t* zero, int64_t group, const float* bias, float* y, int64_t N, int threads) {
+  ByteSplit<P> xs;
+  byte_split<P>(x, M, K, group, xs);
+  const int64_t K2 = K / 2, G = K / group;
+  auto tile = [&]<int R, int BB>(int64_t n, int64_t m) {
+    float s[BB][R];
+    const uint8_t *row = w + n * K2, *z = zero + n * G;
+    const float* sc = scale + n * G;
+    if (group == 64) int4_dot_i8<P, BB, R, 1>(xs, m, row, sc, z, s);
+    else if (group == 128) int4_dot_i8<P, BB, R, 2>(xs, m, row, sc, z, s);
+    else int4_dot_i8<P, BB, R, 4>(xs, m, row, sc, z, s);
+    for (int b = 0; b < BB; b++)
+      for (int r = 0; r < R; r++) y[(m + b) * N + n + r] = s[b][r] + (bias ? bias[n + r] : 0.f);
+  };
+  const int64_t pairs = M == 1 ? N / 2 : 0;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < pairs; i++) tile.template operator()<2, 1>(2 * i, 0);
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 2 * pairs; n < N; n++)
+    over_rows(M, [&]<int BB>(int64_t m) { tile.template operator()<1, BB>(n, m); });
+}
+#endif
 
 // ------------------------------------------------------------------------------------------ decode attention
 
@@ -502,6 +645,15 @@ extern "C" void qk_int4(const void* x, int64_t M, int64_t K, const uint8_t* w, c
   if (bf16 && M == 1 && group % 64 == 0 && bf16_dot_on) {
     int4_matvec_bf16(static_cast<const uint16_t*>(x), K, w, scale, zero, group, bias, yf, N, threads);
     store_bf16(yf, N, y);
+    return;
+  }
+#endif
+#if defined(__AVX2__)
+  if (int4_i8_on && (group == 64 || group == 128 || group == 256)) {
+    const float* xf = as_f32(x, M * K, bf16, xbuf);
+    if (bf16) int4_matvec_i8<2>(xf, M, K, w, scale, zero, group, bias, yf, N, threads);
+    else int4_matvec_i8<3>(xf, M, K, w, scale, zero, group, bias, yf, N, threads);
+    if (bf16) store_bf16(yf, M * N, y);
     return;
   }
 #endif
@@ -643,26 +795,25 @@ extern "C" void qk_dequant_int4(const uint8_t* w, const float* scale, const uint
 
 extern "C" int qk_lanes() { return L; }
 
-// Whether bf16 decoding uses the AVX512-BF16 int4 kernel (set to `on`; -1 only asks). -1 when it was not built.
-extern "C" int qk_bf16_dot(int on) {
+// The optional kernels, each on by default where it was built; tests and benchmarks compare them with the path under
+// them. qk_switch(which, on) sets one (on = -1 only asks) and returns its state, or -1 where it was not built.
+//   QK_BF16_DOT  int4 with one bfloat16 row on AVX512-BF16   QK_INT8_VNNI  int8 on AVX512-VNNI
+//   QK_INT4_I8   int4 by integer multiply-adds on AVX2
+enum { QK_SWITCH_BF16_DOT = 0, QK_SWITCH_INT8_VNNI = 1, QK_SWITCH_INT4_I8 = 2 };
+extern "C" int qk_switch(int which, int on) {
+  int* state = nullptr;
 #if defined(QK_BF16_DOT) && QK_LANES == 16
-  if (on >= 0) bf16_dot_on = on;
-  return bf16_dot_on;
-#else
-  (void)on;
-  return -1;
+  if (which == QK_SWITCH_BF16_DOT) state = &bf16_dot_on;
 #endif
-}
-
-// Whether int8 decoding uses the AVX512-VNNI kernel (set to `on`; -1 only asks). -1 when it was not built.
-extern "C" int qk_int8_vnni(int on) {
 #if defined(QK_VNNI) && QK_LANES == 16
-  if (on >= 0) vnni_on = on;
-  return vnni_on;
-#else
-  (void)on;
-  return -1;
+  if (which == QK_SWITCH_INT8_VNNI) state = &vnni_on;
 #endif
+#if defined(__AVX2__)
+  if (which == QK_SWITCH_INT4_I8) state = &int4_i8_on;
+#endif
+  if (!state) return -1;
+  if (on >= 0) *state = on;
+  return *state;
 }
 
 // Decode attention (see attend): kv_bf16 selects bfloat16 keys / values, else float32. strides: 6 element strides,

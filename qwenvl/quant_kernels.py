@@ -21,10 +21,14 @@ ops on every call (several float copies of the weight, written then read). Here:
 
   * with bfloat16 x, one row and int4 groups of a multiple of 64, on a CPU with AVX512-BF16: the codes become exact
     bf16 values by a table lookup and vdpbf16ps adds their exact products with x in float32 (half the instructions
-    of converting codes to float; `bf16_dot(False)` turns it off).
+    of converting codes to float; `switch("bf16_dot", False)` turns it off).
   * int8 on a CPU with AVX512-VNNI: each row of x is split into two int16 halves (x = s (hi + lo / 32768), to 2^-24)
     and vpdpwssd multiplies 32 codes per instruction with each; the integer sums are exact, so the result is as
-    accurate as float32 arithmetic (`int8_vnni(False)` turns it off).
+    accurate as float32 arithmetic (`switch("int8_vnni", False)` turns it off).
+  * int4 on a CPU with AVX2 (groups of a multiple of 64, up to 1024): x is quantised per group to integers of 2
+    bytes (bfloat16 x: to 2^-15 of the group's largest |x|) or 3 (float32 x: 2^-23), and vpmaddubsw multiplies 32
+    codes per instruction with each byte, summing exactly in integers: a quarter of the instructions of converting
+    codes to float (`switch("int4_i8", False)` turns it off).
 
 GPTQLinear runs int4_linear on its own words, read transposed (GPTQLinear.kernel_tensors says why that is exact).
 Both return y [..., N] in x's dtype, or None when they do not apply (off the CPU, an odd group size, no kernels
@@ -300,19 +304,14 @@ def unavailable_reason() -> str | None:
     return _state["why"]
 
 
-def bf16_dot(on: bool | None = None) -> bool | None:
-    """Whether one-row bf16 int4 decoding uses the AVX512-BF16 kernel; pass on=True/False to switch it. None when
-    the library was built without it (a CPU without avx512_bf16) or there is no library."""
-    lib = library()
-    state = -1 if lib is None else lib.qk_bf16_dot(-1 if on is None else int(on))
-    return None if state < 0 else bool(state)
+SWITCHES = {"bf16_dot": 0, "int8_vnni": 1, "int4_i8": 2}     # the optional kernels (qk_switch in quant_kernels.cpp)
 
 
-def int8_vnni(on: bool | None = None) -> bool | None:
-    """Whether int8 decoding uses the AVX512-VNNI kernel (x split into two int16 halves); pass on=True/False to
-    switch it. None when the library was built without it (a CPU without avx512_vnni) or there is no library."""
+def switch(name: str, on: bool | None = None) -> bool | None:
+    """Whether the optional kernel `name` (a key of SWITCHES) is on; pass on=True/False to switch it. None when the
+    library was built without it (a CPU without the instructions it needs) or there is no library."""
     lib = library()
-    state = -1 if lib is None else lib.qk_int8_vnni(-1 if on is None else int(on))
+    state = -1 if lib is None else lib.qk_switch(SWITCHES[name], -1 if on is None else int(on))
     return None if state < 0 else bool(state)
 
 
@@ -399,8 +398,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.qk_lanes.restype = ctypes.c_int
-    for switch in (lib.qk_bf16_dot, lib.qk_int8_vnni):
-        switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
+    lib.qk_switch.argtypes, lib.qk_switch.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return lib, None
 
 

@@ -275,16 +275,16 @@ def test_glue_kernels_decline_what_they_do_not_do():
 def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
     from qwenvl.quantize import Int4Linear
 
-    if quant_kernels.bf16_dot() is None:
+    if quant_kernels.switch("bf16_dot") is None:
         pytest.skip("built without AVX512-BF16")
     torch.manual_seed(in_f + out_f)
     lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=False)
     x = torch.randn(1, in_f).bfloat16()
     ref = lin.reference_forward(x.float())                       # float32 weights and sums
     try:
-        outs = {on: (quant_kernels.bf16_dot(on), lin(x))[1] for on in (True, False)}
+        outs = {on: (quant_kernels.switch("bf16_dot", on), lin(x))[1] for on in (True, False)}
     finally:
-        quant_kernels.bf16_dot(True)
+        quant_kernels.switch("bf16_dot", True)
     for y in outs.values():
         torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
 
@@ -295,7 +295,7 @@ def test_int8_vnni_kernel_is_float32_accurate(in_f, out_f, rows):
     the 4096 inputs after which the integer sums are flushed, and for rows of very different magnitudes."""
     from qwenvl.quantize import Int8Linear
 
-    if quant_kernels.int8_vnni() is None:
+    if quant_kernels.switch("int8_vnni") is None:
         pytest.skip("built without AVX512-VNNI")
     torch.manual_seed(in_f + out_f)
     lin = Int8Linear.from_linear(nn.Linear(in_f, out_f))
@@ -303,9 +303,9 @@ def test_int8_vnni_kernel_is_float32_accurate(in_f, out_f, rows):
     x[0, 5] = 300.0                                               # an outlier feature, as LLM activations have
     ref = lin.reference_forward(x)
     try:
-        outs = {on: (quant_kernels.int8_vnni(on), lin(x))[1] for on in (True, False)}
+        outs = {on: (quant_kernels.switch("int8_vnni", on), lin(x))[1] for on in (True, False)}
     finally:
-        quant_kernels.int8_vnni(True)
+        quant_kernels.switch("int8_vnni", True)
     for y in outs.values():
         for r in range(rows):                                    # each row to its own scale
             torch.testing.assert_close(y[r], ref[r], rtol=0, atol=1e-5 * ref[r].abs().max().item())
@@ -314,13 +314,67 @@ def test_int8_vnni_kernel_is_float32_accurate(in_f, out_f, rows):
 def test_int8_vnni_kernel_keeps_non_finite_inputs_non_finite():
     from qwenvl.quantize import Int8Linear
 
-    if quant_kernels.int8_vnni() is None:
+    if quant_kernels.switch("int8_vnni") is None:
         pytest.skip("built without AVX512-VNNI")
     lin = Int8Linear.from_linear(nn.Linear(64, 8))
     x = torch.randn(3, 64)
     x[0, 3], x[1, 7] = float("inf"), float("nan")
     y = lin(x)
     assert not y[0].isfinite().any() and y[1].isnan().all() and y[2].isfinite().all()
+    assert torch.equal(y[2], lin(x[2:]).view(-1))
+
+
+@pytest.mark.parametrize("in_f, out_f, group, rows", [(256, 37, 64, 1), (1536, 200, 128, 3), (4352, 38, 128, 6),
+                                                     (2048, 16, 256, 2), (640, 11, 64, 5)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_integer_kernel_is_float32_accurate(in_f, out_f, group, rows, sym):
+    """float32 x as 3-byte integers per group (2^-23 of the group's largest |x|) and exact integer sums: within
+    float32 rounding of the float path, for rows of very different magnitudes and with an outlier feature."""
+    from qwenvl.quantize import Int4Linear
+
+    if quant_kernels.switch("int4_i8") is None:
+        pytest.skip("built without AVX2")
+    torch.manual_seed(in_f + out_f)
+    lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=sym)
+    x = torch.randn(rows, in_f) * torch.logspace(-3, 3, rows)[:, None]
+    x[0, 5] = 300.0
+    ref = lin.reference_forward(x)
+    try:
+        outs = {on: (quant_kernels.switch("int4_i8", on), lin(x))[1] for on in (True, False)}
+    finally:
+        quant_kernels.switch("int4_i8", True)
+    for y in outs.values():
+        for r in range(rows):
+            torch.testing.assert_close(y[r], ref[r], rtol=0, atol=1e-5 * ref[r].abs().max().item())
+
+
+@pytest.mark.parametrize("in_f, out_f, group, rows", [(1536, 200, 128, 1), (8960, 24, 128, 1), (384, 9, 64, 4)])
+def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out_f, group, rows):
+    """bfloat16 x as 2-byte integers per group (2^-15 of the group's largest |x|): one bf16 step from float32."""
+    from qwenvl.quantize import Int4Linear
+
+    if quant_kernels.switch("int4_i8") is None:
+        pytest.skip("built without AVX2")
+    torch.manual_seed(in_f)
+    lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=False)
+    x = torch.randn(rows, in_f).bfloat16()
+    x[0, 3] = 40.0
+    ref = lin.reference_forward(x.float())
+    y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
+
+
+def test_int4_integer_kernel_keeps_non_finite_inputs_non_finite():
+    from qwenvl.quantize import Int4Linear
+
+    if quant_kernels.switch("int4_i8") is None:
+        pytest.skip("built without AVX2")
+    lin = Int4Linear.from_linear(nn.Linear(128, 8), 64, sym=True)
+    x = torch.randn(3, 128)
+    x[0, 3], x[1, 70] = float("inf"), float("nan")
+    y = lin(x)
+    assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
     assert torch.equal(y[2], lin(x[2:]).view(-1))
 
 
