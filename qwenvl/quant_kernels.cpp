@@ -273,13 +273,6 @@ static void int8_matvec_vnni(const float* x, int64_t M, int64_t K, const int8_t*
 }
 #endif
 
-static void int8_matvec(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                        const float* bias, float* y, int64_t N, int threads) {
-#if defined(QK_VNNI) && QK_LANES == 16
-  if (vnni_on) return int8_matvec_vnni(x, M, K, w, scale, bias, y, N, threads);
-#endif
-  float_matvec(x, M, K, w, scale, bias, y, N, threads);
-}
 
 // ------------------------------------------------------------------------------------------ int4, row-major
 
@@ -537,6 +530,92 @@ static void int4_matvec_i8(const float* x, int64_t M, int64_t K, const uint8_t* 
 }
 #endif
 
+#if defined(__AVX2__)
+// ------------------------------------------------------------------------------------------ int8, integer (AVX2)
+
+// bfloat16 x without AVX512-VNNI: converting codes to float (24 vector instructions per 64 weights) bounds int8 below
+// the memory. Here x is quantised per group of 128 inputs to int16 (X = round(x / xs), |X| <= 32767: to 2^-16 of the
+// group's largest |x|, where bf16 x carries 2^-8 of itself), codes are widened to int16 and vpmaddwd multiplies 16 of
+// them with X, adding pairs exactly in int32: 12 instructions per 64 weights. (float32 x keeps the float path: it
+// would need two int16 halves, as many instructions as converting.)
+constexpr int64_t XGROUP = 128;
+
+struct Int16Split {
+  int64_t G = 0;                    // groups per row (the last may be shorter)
+  std::vector<int16_t> q;           // [M, K]
+  std::vector<float> xs;            // [M, G]
+};
+
+static void int16_split(const float* x, int64_t M, int64_t K, Int16Split& s) {
+  s.G = (K + XGROUP - 1) / XGROUP;
+  s.q.resize(M * K), s.xs.resize(M * s.G);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < s.G; g++) {
+      const int64_t k0 = g * XGROUP, k1 = std::min(K, k0 + XGROUP);
+      const float* v = x + m * K;
+      float top = 0.f, probe = 0.f;                                // probe: nan if any x is inf or nan
+      for (int64_t k = k0; k < k1; k++) top = std::max(top, std::fabs(v[k])), probe += v[k] * 0.f;
+      const bool finite = !std::isnan(probe);
+      const float inv = finite && top > 0.f ? 32767.f / top : 0.f;
+      for (int64_t k = k0; k < k1; k++) s.q[m * K + k] = (int16_t)std::nearbyint(v[k] * inv);
+      s.xs[m * s.G + g] = finite ? top / 32767.f : NAN;           // a row with inf or nan gives nan outputs
+    }
+}
+
+// out[b] = sum_k x[m + b, k] w[k] for one row of int8 codes, K % 16 == 0. int32 sums of a group: 8 multiply-adds of
+// at most 2 * 128 * 32767 per lane.
+template <int BB>
+static inline void int8_dot_i16(const Int16Split& x, int64_t m, int64_t K, const int8_t* w, float (&out)[BB]) {
+  const int64_t G = x.G;
+  __m256 f[BB];
+  for (int b = 0; b < BB; b++) f[b] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    const int64_t k0 = g * XGROUP, k1 = std::min(K, k0 + XGROUP);
+    for (int64_t k = k0; k < k1; k += 64) _mm_prefetch(reinterpret_cast<const char*>(w + k + AHEAD), _MM_HINT_T0);
+    __m256i a[BB];
+    for (int b = 0; b < BB; b++) a[b] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m256i codes = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      for (int b = 0; b < BB; b++) {
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (m + b) * K + k));
+        a[b] = _mm256_add_epi32(a[b], _mm256_madd_epi16(codes, xq));
+      }
+    }
+    for (int b = 0; b < BB; b++)
+      f[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[b]), _mm256_set1_ps(x.xs[(m + b) * G + g]), f[b]);
+  }
+  for (int b = 0; b < BB; b++) out[b] = hsum8(f[b]);
+}
+
+static int int8_i16_on = 1;         // qk_switch(QK_SWITCH_INT8_I16, 0) turns this path off
+
+static void int8_matvec_i16(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                            const float* bias, float* y, int64_t N, int threads) {
+  Int16Split xs;
+  int16_split(x, M, K, xs);
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; n++)
+    over_rows(M, [&]<int BB>(int64_t m) {
+      float s[BB];
+      int8_dot_i16<BB>(xs, m, K, w + n * K, s);
+      for (int b = 0; b < BB; b++) y[(m + b) * N + n] = s[b] * scale[n] + (bias ? bias[n] : 0.f);
+    });
+}
+#endif
+
+// int8 decoding: AVX512-VNNI where built, else int16 x on AVX2 for bfloat16 x (x_bf16: x holds bf16 values), else
+// float.
+static void int8_matvec(const float* x, int x_bf16, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                        const float* bias, float* y, int64_t N, int threads) {
+#if defined(QK_VNNI) && QK_LANES == 16
+  if (vnni_on) return int8_matvec_vnni(x, M, K, w, scale, bias, y, N, threads);
+#endif
+#if defined(__AVX2__)
+  if (x_bf16 && int8_i16_on && K % 16 == 0) return int8_matvec_i16(x, M, K, w, scale, bias, y, N, threads);
+#endif
+  float_matvec(x, M, K, w, scale, bias, y, N, threads);
+}
+
 // ------------------------------------------------------------------------------------------ decode attention
 
 // One query row per (batch, head) against the cached keys and values, the attention of a decode step:
@@ -623,7 +702,7 @@ extern "C" void qk_int8(const void* x, int64_t M, int64_t K, const int8_t* w, co
                         void* y, int64_t N, int bf16, int threads) {
   std::vector<float> xbuf, ybuf(bf16 ? M * N : 0);
   float* yf = bf16 ? ybuf.data() : static_cast<float*>(y);
-  int8_matvec(as_f32(x, M * K, bf16, xbuf), M, K, w, scale, bias, yf, N, threads);
+  int8_matvec(as_f32(x, M * K, bf16, xbuf), bf16, M, K, w, scale, bias, yf, N, threads);
   if (bf16) store_bf16(yf, M * N, y);
 }
 
@@ -789,8 +868,8 @@ extern "C" int qk_lanes() { return L; }
 // The optional kernels, each on by default where it was built; tests and benchmarks compare them with the path under
 // them. qk_switch(which, on) sets one (on = -1 only asks) and returns its state, or -1 where it was not built.
 //   QK_BF16_DOT  int4 with one bfloat16 row on AVX512-BF16   QK_INT8_VNNI  int8 on AVX512-VNNI
-//   QK_INT4_I8   int4 by integer multiply-adds on AVX2
-enum { QK_SWITCH_BF16_DOT = 0, QK_SWITCH_INT8_VNNI = 1, QK_SWITCH_INT4_I8 = 2 };
+//   QK_INT4_I8   int4 by integer multiply-adds on AVX2       QK_INT8_I16   int8 with bf16 x in int16 on AVX2
+enum { QK_SWITCH_BF16_DOT = 0, QK_SWITCH_INT8_VNNI = 1, QK_SWITCH_INT4_I8 = 2, QK_SWITCH_INT8_I16 = 3 };
 extern "C" int qk_switch(int which, int on) {
   int* state = nullptr;
 #if defined(QK_BF16_DOT) && QK_LANES == 16
@@ -801,6 +880,7 @@ extern "C" int qk_switch(int which, int on) {
 #endif
 #if defined(__AVX2__)
   if (which == QK_SWITCH_INT4_I8) state = &int4_i8_on;
+  if (which == QK_SWITCH_INT8_I16) state = &int8_i16_on;
 #endif
   if (!state) return -1;
   if (on >= 0) *state = on;

@@ -27,8 +27,11 @@ ops on every call (several float copies of the weight, written then read). Here:
     accurate as float32 arithmetic (`switch("int8_vnni", False)` turns it off).
   * int4 on a CPU with AVX2 (groups of a multiple of 64, up to 1024): x is quantised per group to integers of 2
     bytes (bfloat16 x: to 2^-15 of the group's largest |x|) or 3 (float32 x: 2^-23), and vpmaddubsw multiplies 32
-    codes per instruction with each byte, summing exactly in integers: a quarter of the instructions of converting
-    codes to float (`switch("int4_i8", False)` turns it off).
+    codes per instruction with each byte, summing exactly in integers: half the instructions of converting codes to
+    float (`switch("int4_i8", False)` turns it off).
+  * int8 with bfloat16 x on a CPU with AVX2 (no VNNI): x is quantised per group of 128 to int16 (2^-16 of the
+    group's largest |x|; bf16 x itself carries 2^-8) and vpmaddwd multiplies 16 widened codes per instruction with
+    it, summing exactly in int32 (`switch("int8_i16", False)` turns it off).
 
 GPTQLinear runs int4_linear on its own words, read transposed (GPTQLinear.kernel_tensors says why that is exact).
 Both return y [..., N] in x's dtype, or None when they do not apply (off the CPU, an odd group size, no kernels
@@ -304,7 +307,8 @@ def unavailable_reason() -> str | None:
     return _state["why"]
 
 
-SWITCHES = {"bf16_dot": 0, "int8_vnni": 1, "int4_i8": 2}     # the optional kernels (qk_switch in quant_kernels.cpp)
+# The optional kernels, by their number in qk_switch (quant_kernels.cpp).
+SWITCHES = {"bf16_dot": 0, "int8_vnni": 1, "int4_i8": 2, "int8_i16": 3}
 
 
 def switch(name: str, on: bool | None = None) -> bool | None:

@@ -324,6 +324,15 @@ def test_int8_vnni_kernel_keeps_non_finite_inputs_non_finite():
     assert torch.equal(y[2], lin(x[2:]).view(-1))
 
 
+def _assert_bf16_int_kernel_close(y: torch.Tensor, ref32: torch.Tensor, ref_bf16: torch.Tensor) -> None:
+    """An integer kernel's bf16 output against the float32 result: one bf16 step plus x's int16 rounding (2^-13 of
+    the output's scale), and no farther from it than the reference's bf16 forward (bf16 weights, bf16 matmul)."""
+    assert y.dtype == torch.bfloat16
+    scale = ref32.abs().max().item()
+    torch.testing.assert_close(y.float(), ref32, rtol=2 ** -7, atol=2 ** -13 * scale)
+    assert (y.float() - ref32).abs().max() <= (ref_bf16.float() - ref32).abs().max()
+
+
 @pytest.mark.parametrize("in_f, out_f, group, rows", [(256, 37, 64, 1), (1536, 200, 128, 3), (4352, 38, 128, 6),
                                                      (2048, 16, 256, 2), (640, 11, 64, 5)])
 @pytest.mark.parametrize("sym", [True, False])
@@ -350,7 +359,7 @@ def test_int4_integer_kernel_is_float32_accurate(in_f, out_f, group, rows, sym):
 
 @pytest.mark.parametrize("in_f, out_f, group, rows", [(1536, 200, 128, 1), (8960, 24, 128, 1), (384, 9, 64, 4)])
 def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out_f, group, rows):
-    """bfloat16 x as 2-byte integers per group (2^-15 of the group's largest |x|): one bf16 step from float32."""
+    """bfloat16 x as 2-byte integers per group (2^-15 of the group's largest |x|): as the int8 kernel below."""
     from qwenvl.quantize import Int4Linear
 
     if quant_kernels.switch("int4_i8") is None:
@@ -359,10 +368,7 @@ def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out
     lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=False)
     x = torch.randn(rows, in_f).bfloat16()
     x[0, 3] = 40.0
-    ref = lin.reference_forward(x.float())
-    y = lin(x)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
+    _assert_bf16_int_kernel_close(lin(x), lin.reference_forward(x.float()), lin.reference_forward(x))
 
 
 def test_int4_integer_kernel_keeps_non_finite_inputs_non_finite():
@@ -373,6 +379,41 @@ def test_int4_integer_kernel_keeps_non_finite_inputs_non_finite():
     lin = Int4Linear.from_linear(nn.Linear(128, 8), 64, sym=True)
     x = torch.randn(3, 128)
     x[0, 3], x[1, 70] = float("inf"), float("nan")
+    y = lin(x)
+    assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
+    assert torch.equal(y[2], lin(x[2:]).view(-1))
+
+
+@pytest.mark.parametrize("in_f, out_f, rows", [(1536, 200, 1), (8960, 24, 1), (208, 9, 4), (4128, 7, 3)])
+def test_int8_int16_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out_f, rows):
+    """bfloat16 x as int16 per group of 128 (2^-16 of the group's largest |x|), a short last group (208, 4128),
+    exact integer sums: one bf16 step from the float32 result plus x's rounding (2^-13 of the output's scale),
+    and closer to it than the reference's own bf16 forward."""
+    from qwenvl.quantize import Int8Linear
+
+    if quant_kernels.switch("int8_i16") is None:
+        pytest.skip("built without AVX2")
+    torch.manual_seed(in_f)
+    lin = Int8Linear.from_linear(nn.Linear(in_f, out_f))
+    x = torch.randn(rows, in_f).bfloat16()
+    x[0, 3] = 40.0
+    ref = lin.reference_forward(x.float())
+    try:
+        outs = {on: (quant_kernels.switch("int8_i16", on), lin(x))[1] for on in (True, False)}
+    finally:
+        quant_kernels.switch("int8_i16", True)
+    _assert_bf16_int_kernel_close(outs[True], ref, lin.reference_forward(x))
+    torch.testing.assert_close(outs[False].float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
+
+
+def test_int8_int16_kernel_keeps_non_finite_inputs_non_finite():
+    from qwenvl.quantize import Int8Linear
+
+    if quant_kernels.switch("int8_i16") is None:
+        pytest.skip("built without AVX2")
+    lin = Int8Linear.from_linear(nn.Linear(256, 8))
+    x = torch.randn(3, 256).bfloat16()
+    x[0, 3], x[1, 200] = float("inf"), float("nan")
     y = lin(x)
     assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
     assert torch.equal(y[2], lin(x[2:]).view(-1))
