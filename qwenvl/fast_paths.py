@@ -7,7 +7,9 @@
 
 What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
     * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 and float32 decode GEMVs run on
-      the compiled kernel; prefill rows and anything needing gradients still go to F.linear.
+      the compiled kernel; prefill rows and anything needing gradients still go to F.linear. FastLinear for every
+      other linear too (vision tower, adapter, the resampler's packed projections, the final projection): many bf16 rows on a CPU
+      without bf16 instructions run in float32.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
     * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
       decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant_kernels
-from .fast_linear import use_fast_linears
+from .fast_linear import linear, use_fast_linears, use_fast_vision_linears
 from .fused_projections import decoder_layers, fusable
 
 ENV = "QWENVL_FAST"
@@ -51,13 +53,17 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     from .qwen2_vl_fast import FastDecoder
     from .qwen_vl_fast import FastDecoderV1
     from .text import QWenAttention
+    from .vision import ResamplerAttention, VisionTransformer
 
     if not fast_enabled(fast):
         return model
     use_fast_linears(model)
+    use_fast_vision_linears(model)
     for module in model.modules():
         if isinstance(module, QWenAttention):
             module.attend = attend
+        if isinstance(module, (ResamplerAttention, VisionTransformer)):
+            module.project = linear
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
     if (isinstance(model, QWenLMHeadModel) and model.transformer.wte.weight.dtype in _DECODER_DTYPES

@@ -58,6 +58,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -417,6 +418,15 @@ def isa_flags() -> tuple[int, list[str]]:
     if capability == "AVX2":
         return 8, ["-mavx2", "-mfma"]
     return 4, []
+
+
+def native_bf16_matmul() -> bool:
+    """Whether torch's CPU matmul has bfloat16 instructions to run on here (AVX512-BF16 or AMX). Without them (AVX2
+    x86 CPUs) it emulates bf16: on the AMD EPYC Zen 3 of 2026-12-04, F.linear of 1024 x 1664 by 1664 x 8192 ran at
+    20 GFLOP/s in bf16 and 127 in float32. Non-x86 CPUs count as native (not measured)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_flags() -> set[str]:

@@ -102,6 +102,8 @@ class TransformerBlock(nn.Module):
 class ResamplerAttention(nn.Module):
     """`nn.MultiheadAttention` semantics and parameter names ([Wq; Wk; Wv] packing), batch first, via SDPA."""
 
+    project = staticmethod(F.linear)     # (x, weight, bias) -> x @ weight.T + bias; fast_paths may swap it
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -112,7 +114,7 @@ class ResamplerAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        q, k, v = self.project(query, wq, bq), self.project(key, wk, bk), self.project(value, wv, bv)
         q, k, v = (self._split(t) for t in (q, k, v))                  # [N, H, Q|L, D]
         out = F.scaled_dot_product_attention(q, k, v)                  # [N, H, Q, D]
         n, _, n_q, _ = out.shape
@@ -147,6 +149,8 @@ class Resampler(nn.Module):
 class VisionTransformer(nn.Module):
     """`transformer.visual`: pixels [N, 3, S, S] -> features [N, Q, output_dim]."""
 
+    project = staticmethod(F.linear)     # as ResamplerAttention.project
+
     def __init__(self, cfg: VisualConfig):
         super().__init__()
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
@@ -159,7 +163,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.ln_post(self.attn_pool(self.patch_tokens(pixels)))     # [N, Q, C]
-        return x @ self.proj                                             # [N, Q, C]
+        return self.project(x, self.proj.t(), None)                      # [N, Q, C]: x @ proj
 
     def patch_tokens(self, pixels: Tensor) -> Tensor:
         """The ViT trunk alone: pixels [N, 3, S, S] -> patch tokens [N, g*g, W] (before the resampler)."""

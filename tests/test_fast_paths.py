@@ -114,7 +114,8 @@ def test_v1_chat_greedy_answer_is_the_same_with_the_fast_paths(v1_dir, kernel_ca
     tok = AutoTokenizer.from_pretrained(v1_dir)
     fast, ref = AutoModelForCausalLM.from_pretrained(v1_dir), AutoModelForCausalLM.from_pretrained(v1_dir, fast=False)
     assert fast.model.lm_head.weight.dtype == torch.bfloat16
-    assert n_fast_linears(fast.model) == 2 * 5 + 1 and n_fast_linears(ref.model) == 0
+    assert n_fast_linears(fast.model.transformer.h) == 2 * 5 and isinstance(fast.model.lm_head, FastLinear)
+    assert not any(type(m) is nn.Linear for m in fast.model.modules()) and n_fast_linears(ref.model) == 0
     answers = {}
     for name, model in (("ref", ref), ("fast", fast)):
         kernel_calls[0] = 0
