@@ -9,9 +9,9 @@ an AMD EPYC (Zen 4) torch's float32 GEMV reads 12-15 GB/s, the kernel 25-38 GB/s
 kernel too. It holds the very `weight` / `bias` Parameters of the nn.Linear it replaces.
 
 Many rows (a prefill, an image encode) of a bf16 layer on a CPU without bf16 matmul instructions (AVX2 x86:
-`quant_kernels.native_bf16_matmul()`) run in float32 on a float32 copy of the weight made for the call, rounded to
+`quant_kernels.linear`) run in float32 on a float32 copy of the weight made for the call, rounded to
 bf16 at the end: torch emulates bf16 there at a sixth of its float32 speed, and the copy costs one read and write of
-the weight, small beside UPCAST_MIN_ROWS or more rows of multiply-adds. The products are the same exact bf16
+the weight, small beside quant_kernels.UPCAST_MIN_ROWS or more rows of multiply-adds. The products are the same exact bf16
 products, summed in float32 as oneDNN's bf16 kernel sums them (in another order).
 
     use_fast_linears(model)        # every LLM block linear and lm_head (Qwen-VL or Qwen2-VL); returns the count
@@ -19,8 +19,6 @@ products, summed in float32 as oneDNN's bf16 kernel sums them (in another order)
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import quant_kernels
@@ -38,38 +36,11 @@ class FastLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = quant_kernels.dense_linear(x, self.weight, self.bias)                 # None: not a decode GEMV
-        return linear(x, self.weight, self.bias) if y is None else y
+        return quant_kernels.linear(x, self.weight, self.bias) if y is None else y
 
     def decode_kernel(self) -> quant_kernels.KernelLinear | None:
         """This layer for qwen2_vl_fast's whole-step kernel (None where forward would not run the dense kernel)."""
         return quant_kernels.dense_kernel(self.weight, self.bias)
-
-
-UPCAST_MIN_ROWS = 32
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear, in float32 where a bf16 one would be emulated (see the module docstring); also for the
-    resampler's packed projections (vision.ResamplerAttention.project)."""
-    if _upcast(x, weight):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
-    return F.linear(x, weight, bias)
-
-
-def _upcast(x: Tensor, weight: Tensor) -> bool:
-    """Whether this bf16 matmul runs faster in float32 here (many rows, no gradient, no bf16 instructions)."""
-    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS *
-            x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not _native_bf16())
-
-
-def _native_bf16() -> bool:
-    if "native" not in _CPU:
-        _CPU["native"] = quant_kernels.native_bf16_matmul()
-    return _CPU["native"]
-
-
-_CPU: dict[str, bool] = {}
 
 
 def use_fast_linears(model: nn.Module) -> int:

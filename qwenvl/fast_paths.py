@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant_kernels
-from .fast_linear import linear, use_fast_linears, use_fast_vision_linears
+from .fast_linear import use_fast_linears, use_fast_vision_linears
 from .fused_projections import decoder_layers, fusable
 
 ENV = "QWENVL_FAST"
@@ -63,7 +63,7 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
         if isinstance(module, QWenAttention):
             module.attend = attend
         if isinstance(module, (ResamplerAttention, VisionTransformer)):
-            module.project = linear
+            module.project = quant_kernels.linear
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
     if (isinstance(model, QWenLMHeadModel) and model.transformer.wte.weight.dtype in _DECODER_DTYPES

@@ -95,19 +95,17 @@ def test_dense_kernel_declines_prefills_and_gradients():
 def test_many_bf16_rows_run_in_float32_where_torch_emulates_bf16(monkeypatch):
     """Without bf16 instructions a prefill's bf16 matmul runs in float32 (the exact bf16 products, float32 sums)
     and is rounded once; with them, or with few rows, or for training, it stays torch's bf16 matmul."""
-    from qwenvl import fast_linear
-
     torch.manual_seed(0)
     lin = FastLinear(nn.Linear(64, 24).bfloat16())
     x = torch.randn(40, 64).bfloat16()
     in_f32 = F.linear(x.float(), lin.weight.float(), lin.bias.float()).bfloat16()
-    monkeypatch.setitem(fast_linear._CPU, "native", False)
+    monkeypatch.setitem(quant_kernels._CPU, "native", False)
     with torch.no_grad():
         assert torch.equal(lin(x), in_f32)
         assert torch.equal(lin(x[:20]), F.linear(x[:20], lin.weight, lin.bias))          # < UPCAST_MIN_ROWS rows
     torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), rtol=2 ** -7, atol=1e-2)
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))                     # weight needs a gradient
-    monkeypatch.setitem(fast_linear._CPU, "native", True)
+    monkeypatch.setitem(quant_kernels._CPU, "native", True)
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
