@@ -418,6 +418,33 @@ template <int P> struct ByteSplit {
   std::vector<float> xs, zx;        // [M, G]: the group's scale xs, and xs * sum_k X_k (for the zero points)
 };
 
+// The largest |x| of n floats (n % 8 == 0), or nan if any is inf or nan.
+static inline float abs_max(const float* v, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 top = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256 x = _mm256_loadu_ps(v + k);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(sign, x));
+    probe = _mm256_add_ps(probe, _mm256_mul_ps(x, _mm256_setzero_ps()));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(probe), _mm256_extractf128_ps(probe, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return std::isnan(_mm_cvtss_f32(q)) ? NAN : _mm_cvtss_f32(h);
+}
+
+// The low byte of each int32 lane, in order, to 8 bytes at out.
+static inline void store_low_bytes(__m256i v, int8_t* out) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i lanes = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), lanes);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(b));
+}
+
 template <int P>
 static void byte_split(const float* x, int64_t M, int64_t K, int64_t group, ByteSplit<P>& s) {
   constexpr float top_int = P == 2 ? 127.f * 256 : 127.f * 65536;
@@ -426,23 +453,31 @@ static void byte_split(const float* x, int64_t M, int64_t K, int64_t group, Byte
   for (int64_t m = 0; m < M; m++)
     for (int64_t g = 0; g < s.G; g++) {
       const float* v = x + m * K + g * group;
-      float top = 0.f, probe = 0.f;                                // probe: nan if any x is inf or nan
-      for (int64_t k = 0; k < group; k++) top = std::max(top, std::fabs(v[k])), probe += v[k] * 0.f;
-      const bool finite = !std::isnan(probe);
-      const float inv = finite && top > 0.f ? top_int / top : 0.f;
-      int64_t sum = 0;
-      for (int64_t k = 0; k < group; k++) {
-        int32_t X = (int32_t)std::nearbyint(v[k] * inv);
-        sum += X;
-        const int64_t i = g * group + k, c = i / CHUNK, j = (i % CHUNK) / 2, odd = i & 1;
+      const float top = abs_max(v, group);
+      const bool finite = !std::isnan(top);
+      const __m256 inv = _mm256_set1_ps(finite && top > 0.f ? top_int / top : 0.f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = 0; k < group; k += 16) {                  // 16 inputs: 8 even, 8 odd
+        const __m256 a = _mm256_loadu_ps(v + k), b = _mm256_loadu_ps(v + k + 8);
+        __m256 even = _mm256_shuffle_ps(a, b, 0x88), odd = _mm256_shuffle_ps(a, b, 0xDD);   // [a0 a2 b0 b2 | a4 ..]
+        even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));       // [a0 a2 a4 a6 b0 ..]
+        odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), 0xD8));
+        __m256i X[2] = {_mm256_cvtps_epi32(_mm256_mul_ps(even, inv)), _mm256_cvtps_epi32(_mm256_mul_ps(odd, inv))};
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(X[0], X[1]));
+        const int64_t i = g * group + k, c = i / CHUNK, j = (i % CHUNK) / 2;
         int8_t* chunk = s.bytes.data() + ((m * s.C + c) * P) * CHUNK;
-        for (int p = P - 1; p >= 0; p--) {                         // lowest byte first: d = X - 256 * round(X / 256)
-          chunk[p * CHUNK + odd * 32 + j] = (int8_t)(((X + 128) & 255) - 128);
-          X = (X + 128) >> 8;
-        }
+        for (int p = P - 1; p >= 0; p--)                           // lowest byte first: X's low byte, signed
+          for (int odd_ = 0; odd_ < 2; odd_++) {
+            store_low_bytes(X[odd_], chunk + p * CHUNK + odd_ * 32 + j);
+            X[odd_] = _mm256_srai_epi32(_mm256_add_epi32(X[odd_], _mm256_set1_epi32(128)), 8);
+          }
       }
+      int32_t lanes[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), sum);
+      int64_t total = 0;
+      for (int32_t t : lanes) total += t;
       s.xs[m * s.G + g] = finite ? top / top_int : NAN;           // a row with inf or nan gives nan outputs
-      s.zx[m * s.G + g] = finite ? s.xs[m * s.G + g] * (float)sum : NAN;
+      s.zx[m * s.G + g] = finite ? s.xs[m * s.G + g] * (float)total : NAN;
     }
 }
 
@@ -550,14 +585,18 @@ static void int16_split(const float* x, int64_t M, int64_t K, Int16Split& s) {
   s.G = (K + XGROUP - 1) / XGROUP;
   s.q.resize(M * K), s.xs.resize(M * s.G);
   for (int64_t m = 0; m < M; m++)
-    for (int64_t g = 0; g < s.G; g++) {
+    for (int64_t g = 0; g < s.G; g++) {                           // K % 16 == 0
       const int64_t k0 = g * XGROUP, k1 = std::min(K, k0 + XGROUP);
       const float* v = x + m * K;
-      float top = 0.f, probe = 0.f;                                // probe: nan if any x is inf or nan
-      for (int64_t k = k0; k < k1; k++) top = std::max(top, std::fabs(v[k])), probe += v[k] * 0.f;
-      const bool finite = !std::isnan(probe);
-      const float inv = finite && top > 0.f ? 32767.f / top : 0.f;
-      for (int64_t k = k0; k < k1; k++) s.q[m * K + k] = (int16_t)std::nearbyint(v[k] * inv);
+      const float top = abs_max(v + k0, k1 - k0);
+      const bool finite = !std::isnan(top);
+      const __m256 inv = _mm256_set1_ps(finite && top > 0.f ? 32767.f / top : 0.f);
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
+        const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);     // packs works per 128 bits
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q.data() + m * K + k), q);
+      }
       s.xs[m * s.G + g] = finite ? top / 32767.f : NAN;           // a row with inf or nan gives nan outputs
     }
 }
