@@ -8,8 +8,8 @@
 What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
     * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 and float32 decode GEMVs run on
       the compiled kernel; prefill rows and anything needing gradients still go to F.linear. FastLinear for every
-      other linear too (vision tower, adapter, the resampler's packed projections, the final projection): many bf16 rows on a CPU
-      without bf16 instructions run in float32.
+      other linear too (vision tower and its patch embedding, adapter, the resampler's packed projections, the final
+      projection): many bf16 rows on a CPU without bf16 instructions run in float32.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
     * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
       decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
@@ -49,7 +49,7 @@ def fast_enabled(fast: bool | None = None) -> bool:
 def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
     from .model import QWenLMHeadModel
-    from .qwen2_vl import Qwen2VL
+    from .qwen2_vl import PatchEmbed, Qwen2VL
     from .qwen2_vl_fast import FastDecoder
     from .qwen_vl_fast import FastDecoderV1
     from .text import QWenAttention
@@ -62,7 +62,7 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QWenAttention):
             module.attend = attend
-        if isinstance(module, (ResamplerAttention, VisionTransformer)):
+        if isinstance(module, (ResamplerAttention, VisionTransformer, PatchEmbed)):
             module.project = quant_kernels.linear
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))

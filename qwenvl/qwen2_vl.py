@@ -61,9 +61,11 @@ class PatchEmbed(nn.Module):
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
 
+    project = staticmethod(F.linear)     # (x, weight, bias); fast_paths may swap it (vision.VisionTransformer's)
+
     def forward(self, pixel_patches: Tensor) -> Tensor:                 # [N, C*Tp*P*P] -> [N, E]
         weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # [E, C*Tp*P*P], same (C, T, P, P) order
-        return F.linear(pixel_patches.to(weight.dtype), weight)
+        return self.project(pixel_patches.to(weight.dtype), weight, None)
 
 
 class VisionAttention(nn.Module):

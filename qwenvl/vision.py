@@ -1,6 +1,6 @@
 """Qwen-VL's visual tower (pure compute): an OpenCLIP-geometry ViT and the 256-query resampler.
 
-    pixels [N, 3, S, S] -> conv1 (no bias) -> + bicubic-resized 16x16 position table -> ln_pre
+    pixels [N, 3, S, S] -> conv1 (no bias; as a linear map of flattened patches) -> + bicubic-resized 16x16 position table -> ln_pre
       -> resblocks -> attn_pool (cross-attention of learnable queries, 2-D sin-cos positions)
       -> ln_post -> @ proj  ==  features [N, Q, C_llm]
 
@@ -34,6 +34,16 @@ def resize_pos_table(table: Tensor, n_tokens: int) -> Tensor:
     grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)       # [1, C, src, src]
     grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(tgt * tgt, -1).to(table.dtype)  # [tgt*tgt, C]
+
+
+def flatten_patches(pixels: Tensor, patch: int) -> Tensor:
+    """Pixels [N, C, S, S] -> patches [N, g*g, C*P*P] (g = S // P), row-major, each flattened in conv1's weight order
+    (channel, row, column), so that conv1 (stride = kernel) is a linear map of them. Example: S = 4, P = 2, C = 1:
+    patch 1 (row 0, column 1) is pixels [0, 0, 0:2, 2:4] read row by row."""
+    n, c, size, _ = pixels.shape
+    g = size // patch
+    x = pixels[:, :, :g * patch, :g * patch].reshape(n, c, g, patch, g, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * patch * patch)
 
 
 def sincos_pos_table(dim: int, grid: int) -> Tensor:
@@ -167,8 +177,9 @@ class VisionTransformer(nn.Module):
 
     def patch_tokens(self, pixels: Tensor) -> Tensor:
         """The ViT trunk alone: pixels [N, 3, S, S] -> patch tokens [N, g*g, W] (before the resampler)."""
-        x = self.conv1(pixels.to(self.conv1.weight.dtype))               # [N, W, g, g]
-        x = x.flatten(2).transpose(1, 2)                                 # [N, g*g, W], row-major patches
+        weight = self.conv1.weight                                       # [W, 3, P, P]
+        patches = flatten_patches(pixels.to(weight.dtype), weight.shape[-1])  # [N, g*g, 3*P*P]
+        x = self.project(patches, weight.flatten(1), None)               # [N, g*g, W]: conv1, stride = kernel
         x = x + resize_pos_table(self.positional_embedding, x.shape[1])
         return self.transformer(self.ln_pre(x))                          # [N, g*g, W]
 

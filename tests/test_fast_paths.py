@@ -236,3 +236,28 @@ def assert_same_tensors(saved: dict, original: dict) -> None:
     assert sorted(saved) == sorted(original)
     for key, tensor in original.items():
         assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
+
+
+# ------------------------------------------------------------------------------------------ both: the vision towers
+
+def test_every_vision_matmul_takes_the_upcast_hook(v1_dir, v2_dir, monkeypatch):
+    """The patch embeddings (Qwen-VL's conv1, Qwen2-VL's Conv3d), the ViT, the resampler and the final projection all
+    go through quant_kernels.linear (float32 where a CPU emulates bf16), and where bf16 is native the features are
+    the reference tower's, bit for bit."""
+    weights, real = [], quant_kernels.linear
+    monkeypatch.setattr(quant_kernels, "linear", lambda x, w, b: weights.append(tuple(w.shape)) or real(x, w, b))
+    monkeypatch.setitem(quant_kernels._CPU, "native", True)
+    v1 = {fast: AutoModelForCausalLM.from_pretrained(v1_dir, fast=fast).model for fast in (True, False)}
+    size = v1[True].config.visual.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(v1[True].encode_images(pixels), v1[False].encode_images(pixels))
+    conv = v1[True].transformer.visual.conv1.weight
+    assert (conv.shape[0], conv[0].numel()) in weights
+    weights.clear()
+    v2 = {fast: load_family(v2_dir, fast=fast)[0] for fast in (True, False)}
+    embed = v2[True].visual.patch_embed.proj.weight                           # [E, C, Tp, P, P]
+    patches, grid = torch.randn(16, embed[0].numel()), torch.tensor([[1, 4, 4]])
+    with torch.no_grad():
+        assert torch.equal(v2[True].encode_vision(patches, grid), v2[False].encode_vision(patches, grid))
+    assert (embed.shape[0], embed[0].numel()) in weights

@@ -40,3 +40,16 @@ def test_resampler_table_is_the_sincos_recipe(tiny_model):
     expected = sincos_pos_table(table.shape[1], 4)
     assert torch.allclose(table, expected, atol=1e-6)
     assert not table.requires_grad
+
+
+@pytest.mark.parametrize("size,patch", [(8, 2), (9, 4), (28, 14)])
+def test_conv1_is_a_linear_map_of_the_flattened_patches(size, patch):
+    from qwenvl.vision import flatten_patches
+
+    g = torch.Generator().manual_seed(size)
+    pixels = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 3, patch, patch, generator=g, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d(pixels, weight, stride=patch)                  # [2, 5, g, g]: the reference
+    ours = flatten_patches(pixels, patch) @ weight.flatten(1).T                      # [2, g*g, 5]
+    assert ours.shape == (2, (size // patch) ** 2, 5)
+    assert torch.allclose(ours, conv.flatten(2).transpose(1, 2), atol=1e-12)
