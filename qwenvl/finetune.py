@@ -49,7 +49,8 @@ from .lora import BASE_MODEL_MODULES_TO_SAVE, LoraSpec, apply_lora, unwrap_lora
 from .peft_format import PREFIX, adapter_keys, load_adapter, save_adapter
 from .quantize import quantize_model
 from .tokenizer import QWenTokenizer
-from .train import LossLog, adamw, atomic_torch_save, cosine_lr, plot_losses, set_trainable
+from .train import (LossLog, adamw, atomic_torch_save, autocast, cosine_lr, plot_losses, resolve_train_dtype,
+                    set_trainable)
 from .weights import DTYPES, load_config, load_generation_config, load_model, save_checkpoint, write_checkpoint
 
 METHODS = ("full", "lora", "qlora")
@@ -75,7 +76,8 @@ class FinetuneArgs:
     warmup_ratio: float = 0.01
     max_grad_norm: float = 1.0
     max_len: int = 2048
-    dtype: str = "bf16"                 # bf16 (autocast; LoRA bases stored in bf16) or fp32
+    dtype: str = "auto"                 # bf16 (autocast; LoRA bases stored in bf16), fp32, or auto: bf16 where the
+                                        # CPU has bf16 instructions, else fp32 (train.resolve_train_dtype)
     gradient_checkpointing: bool = True
     train: tuple[str, ...] | None = None  # full: parts that train (adapter, llm); lora: "adapter" adds attn_pool
     lora_r: int = 64
@@ -97,9 +99,9 @@ class FinetuneArgs:
         self.data, self.model, self.out = Path(self.data), Path(self.model), Path(self.out)
         default_train = ("adapter", "llm") if self.method == "full" else ()
         self.train = default_train if self.train is None else tuple(self.train)
+        self.dtype = resolve_train_dtype(self.dtype)
         checks = [(self.method in METHODS, f"method {self.method!r}: choose one of {METHODS}"),
                   (set(self.train) <= set(PARTS), f"train {self.train}: parts are {PARTS}"),
-                  (self.dtype in ("bf16", "fp32"), f"dtype {self.dtype!r}: choose bf16 or fp32"),
                   (self.loss in ("token", "sample"), f"loss {self.loss!r}: choose token or sample"),
                   (self.distributed in ("ddp", "fsdp"), f"distributed {self.distributed!r}: choose ddp or fsdp"),
                   (min(self.batch_size, self.grad_accum, self.save_every) >= 1,
@@ -329,7 +331,7 @@ def train_step(run: Run, step: int) -> float:
     for k, examples in enumerate(micro):
         batch = make_batch(examples, run.pad_id, run.model.config.visual.image_size)
         with _sync(run.engine, k == len(micro) - 1):
-            with torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bf16"):
+            with autocast(args.dtype):
                 logits = run.engine(batch["input_ids"], batch["images"], batch["attention_mask"], batch["position_ids"])
                 loss = micro_loss(logits, batch["labels"], args.loss) / norm
             (loss * world.size).backward()                  # DDP / FSDP divide the summed gradients by world.size

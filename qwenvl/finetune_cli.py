@@ -47,7 +47,9 @@ def _training_options(ft: argparse.ArgumentParser) -> None:
                     help="supervise only the replies (the official rule also supervises every "
                          "<|im_start|> and turn end)")
     ft.add_argument("--system", default="You are a helpful assistant.", help="the system message of every sample")
-    ft.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16: autocast (and bf16 LoRA bases)")
+    ft.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="bf16: autocast (and bf16 LoRA bases); auto (default): bf16 where the CPU has bf16 "
+                         "instructions (AVX512-BF16, AMX), else fp32 (torch emulates bf16 there, ~25x slower to train)")
     ft.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     ft.add_argument("--train", default=None,
                     help="full: parts that train among vit,adapter,llm (default adapter,llm = the official fix_vit); "

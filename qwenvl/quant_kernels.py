@@ -438,10 +438,10 @@ def _upcast(x: Tensor, weight: Tensor) -> bool:
     """Whether this bf16 matmul runs faster in float32 here (many rows, no gradient, no bf16 instructions)."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS *
             x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not _native_bf16_cached())
+            and not bf16_is_native())
 
 
-def _native_bf16_cached() -> bool:
+def bf16_is_native() -> bool:
     """native_bf16_matmul(), read once (tests set _CPU["native"])."""
     if "native" not in _CPU:
         _CPU["native"] = native_bf16_matmul()

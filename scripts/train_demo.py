@@ -56,7 +56,8 @@ from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, answer_is_rig
                               sample_scene, to_conversations, world_text)
 from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
-from qwenvl.train import LossLog, adamw, atomic_torch_save, cosine_lr, load_state, plot_losses, save_state, set_trainable
+from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, cosine_lr, load_state, plot_losses,
+                          resolve_train_dtype, save_state, set_trainable)
 from qwenvl.weights import save_checkpoint
 
 # --------------------------------------------------------------------------- config
@@ -67,8 +68,11 @@ parser.add_argument("--smoke", action="store_true", help="a few steps per stage 
 parser.add_argument("--export", type=Path, help="write the finished checkpoint here (official layout)")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 parser.add_argument("--only", nargs="*", help="run only these stages (they must be next in line)")
+parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
+                    help="compute dtype; auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
+TRAIN_DTYPE = resolve_train_dtype(args.dtype)
 OUT: Path = args.out
 OUT.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +210,7 @@ def patch_batch(rng: random.Random, stage: Stage) -> dict:
 
 
 def patch_loss(batch: dict) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(TRAIN_DTYPE):
         tokens = vit_task.visual.patch_tokens(batch["pixels"])                  # [B, g*g, W]
     tokens = tokens.float()
     heads = vit_task.heads
@@ -240,7 +244,7 @@ log(f"tokenizer: {n_ranks} ranks, vocab {tok.n_vocab} (embedding rows {config.vo
 model = QWenLMHeadModel(config)
 model.init_weights(torch.Generator().manual_seed(args.seed))
 n_params = sum(p.numel() for p in model.parameters())
-log(f"model: {n_params / 1e6:.2f} M parameters")
+log(f"model: {n_params / 1e6:.2f} M parameters, training in {TRAIN_DTYPE}")
 
 
 # --------------------------------------------------------------------------- batches
@@ -300,7 +304,7 @@ def vl_batch(samples: list[Sample], resolution: int, chatml: bool) -> dict:
 
 def vl_loss(batch: dict) -> torch.Tensor:
     """Mean over samples of each sample's mean token loss (per-sample weighting)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(TRAIN_DTYPE):
         logits = model(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"])
     return per_sample_loss(logits, batch["labels"]).mean()
 
@@ -374,7 +378,7 @@ def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
             continue
         scores = []
         for images in (batch["images"], torch.zeros_like(batch["images"])):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(TRAIN_DTYPE):
                 logits = model(batch["input_ids"], images=images, attention_mask=batch["attention_mask"])
             scores.append(round(_answer_exact(logits, batch["labels"]).mean().item(), 3))
         result[f"{task}_{lang}"] = {"real": scores[0], "blank": scores[1]}

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qwenvl import quant_kernels
 from qwenvl.bpe import save_tiktoken
 from qwenvl.cli import main as cli_main
 from qwenvl.data import DataError, pad_and_truncate
@@ -182,11 +183,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(ws, tmp_path):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
-def test_official_lora_defaults(ws, tmp_path):
+def test_official_lora_defaults(ws, tmp_path, monkeypatch):
+    monkeypatch.setitem(quant_kernels._CPU, "native", True)                  # a CPU with bf16 instructions
     model, spec = build_model(FinetuneArgs(data=ws / "train.json", model=ws / "model", out=tmp_path))
     assert (spec.r, spec.alpha, spec.dropout, spec.modules_to_save) == (64, 16.0, 0.05, ("wte", "lm_head"))
     assert model.transformer.h[0].attn.c_attn.base_layer.weight.dtype == torch.bfloat16   # bf16 frozen base
     assert model.transformer.h[0].attn.c_attn.lora_A.weight.dtype == torch.float32
+    monkeypatch.setitem(quant_kernels._CPU, "native", False)                 # AVX2: bf16 is emulated, train in fp32
+    fp32, _ = build_model(FinetuneArgs(data=ws / "train.json", model=ws / "model", out=tmp_path))
+    assert fp32.transformer.h[0].attn.c_attn.base_layer.weight.dtype == torch.float32
     chat_dir = tmp_path / "Qwen-VL-Chat"
     shutil.copytree(ws / "model", chat_dir)
     _, spec = build_model(FinetuneArgs(data=ws / "train.json", model=chat_dir, out=tmp_path))

@@ -13,7 +13,9 @@ import tiktoken
 
 from qwenvl.bpe import save_tiktoken, train_bpe
 from qwenvl.tokenizer import PAT_STR, QWenTokenizer
-from qwenvl.train import LossLog, adamw, cosine_lr, load_state, plot_losses, save_state, set_trainable
+from qwenvl import quant_kernels
+from qwenvl.train import (LossLog, adamw, autocast, cosine_lr, load_state, plot_losses, resolve_train_dtype, save_state,
+                          set_trainable)
 from qwenvl.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +53,22 @@ def _train(model, opt, rng, np_rng, steps):
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def test_training_dtype_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch):
+    monkeypatch.setitem(quant_kernels._CPU, "native", True)
+    assert resolve_train_dtype("auto") == "bf16" and resolve_train_dtype("fp32") == "fp32"
+    monkeypatch.setitem(quant_kernels._CPU, "native", False)
+    assert resolve_train_dtype("auto") == "fp32"
+    with pytest.warns(UserWarning, match="emulates bf16"):
+        assert resolve_train_dtype("bf16") == "bf16"                  # asked for: kept, with a warning
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_train_dtype("fp16")
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with autocast("bf16"):
+        assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+    with autocast("fp32"):
+        assert torch.nn.functional.linear(x, w).dtype == torch.float32
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
