@@ -219,6 +219,7 @@ def test_lora_run_through_the_cli(ws, tmp_path, capsys):
     assert load_file(str(tmp_path / "m2" / "model.safetensors")).keys() == load_file(str(out / "merged" / "model.safetensors")).keys()
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no bf16")   # bf16 on purpose: the path of CPUs that have it
 def test_qlora_loss_falls_over_a_frozen_int4_base(ws, tmp_path):
     out = tmp_path / "q"
     assert cli_main(cli(ws, out, "--method", "qlora", "--dtype", "bf16", "--q-group-size", "16", "--max-steps", "12",
