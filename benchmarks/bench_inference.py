@@ -26,9 +26,9 @@ decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roof
 sum, measure.py, same thread count, measured right after each case's decode: a shared host's bandwidth wanders) /
 weight bytes read per decoded token (all LLM tensors as stored, one embedding
 row, the tied lm_head once). Peak memory = peak RSS during the case (reset with /proc/self/clear_refs) minus the RSS
-before it (freed memory handed back to the OS first), against weight bytes (whole model) + KV cache. Matmul peak = torch's F.linear of [1024 x 1280] by a
-[5120 x 1280] weight; encode and prefill shares are against the faster of its fp32 and bf16 rates (where a CPU
-emulates bf16, our bf16 path multiplies in float32).
+before it (freed memory handed back to the OS first), against weight bytes (whole model) + KV cache.
+Matmul peak = torch's F.linear of [1024 x 1280] by a [5120 x 1280] weight; encode and prefill shares are against the
+faster of its fp32 and bf16 rates (where a CPU emulates bf16, our bf16 path multiplies in float32).
 """
 from __future__ import annotations
 

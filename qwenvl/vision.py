@@ -1,6 +1,7 @@
 """Qwen-VL's visual tower (pure compute): an OpenCLIP-geometry ViT and the 256-query resampler.
 
-    pixels [N, 3, S, S] -> conv1 (no bias; as a linear map of flattened patches) -> + bicubic-resized 16x16 position table -> ln_pre
+    pixels [N, 3, S, S] -> conv1 (no bias; a linear map of the flattened patches)
+      -> + bicubic-resized 16x16 position table -> ln_pre
       -> resblocks -> attn_pool (cross-attention of learnable queries, 2-D sin-cos positions)
       -> ln_post -> @ proj  ==  features [N, Q, C_llm]
 
