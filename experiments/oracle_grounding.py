@@ -28,7 +28,7 @@ from torch import nn
 from qwenvl.config import QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss
 from qwenvl.generation import generate, left_pad
-from qwenvl.grounding import parse_boxes
+from qwenvl.evaluation.refcoco import precision_at_1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.sampling import SamplingParams
 from qwenvl.synthetic import SceneSpec, build_task, to_conversations
@@ -136,28 +136,20 @@ def sample(rng: random.Random):
 
 
 def batch(rng: random.Random, n: int) -> dict:
-    rows, feats = [], []
+    rows, scenes = [], []
     for _ in range(n):
         conv, result = sample(rng)
         prompt, answer = tok.encode(conv[0]["value"]), tok.encode(conv[1]["value"]) + [tok.eod_id]
         rows.append(Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-        feats.append(result.scenes[0])
+        scenes.append(result.scenes[0])
     ids, labels, mask = collate(rows, tok.pad_token_id)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_features": oracle(feats)}
-
-
-def iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_features": oracle(scenes)}
 
 
 @torch.no_grad()
 def evaluate(n: int) -> float:
     model.eval()
-    rng, hits = random.Random(f"heldout-{args.seed}"), 0
+    rng, answers, truths, sizes = random.Random(f"heldout-{args.seed}"), [], [], []
     for start in range(0, n, 25):
         items = [sample(rng) for _ in range(min(25, n - start))]
         ids, mask = left_pad([tok.encode(conv[0]["value"]) for conv, _ in items], tok.pad_token_id)
@@ -165,13 +157,13 @@ def evaluate(n: int) -> float:
         out = generate(model, ids, SamplingParams(max_new_tokens=40, do_sample=False), attention_mask=mask,
                        image_features=feats, eos_token_id=tok.eod_id)
         for row, (_, r) in zip(out.tolist(), items):
-            text = tok.decode([t for t in row if t != tok.eod_id])
-            boxes = parse_boxes(text)
-            truth = box_1000(r.fields["bbox"], r.fields["width"], r.fields["height"])
-            hits += bool(boxes) and iou((boxes[0].x1, boxes[0].y1, boxes[0].x2, boxes[0].y2), truth) >= 0.5
-    print(f"  e.g. {text!r} (truth {truth})", flush=True)
+            answers.append(tok.decode([t for t in row if t != tok.eod_id]))
+            truths.append(r.fields["bbox"])
+            sizes.append((r.fields["width"], r.fields["height"]))
+    print(f"  e.g. {answers[-1]!r} (truth {truths[-1]} px)", flush=True)
+    # the world writes boxes with to_1000 (x * 1000 / width): scale 1000, not the official 999
     model.train()
-    return hits / n
+    return precision_at_1(answers, truths, sizes, scale=1000)["precision@1"]
 
 
 params = [p for p in model.parameters() if p.requires_grad] + list(oracle.parameters())

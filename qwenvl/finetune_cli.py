@@ -47,6 +47,7 @@ def _training_options(ft: argparse.ArgumentParser) -> None:
                     help="supervise only the replies (the official rule also supervises every "
                          "<|im_start|> and turn end)")
     ft.add_argument("--system", default="You are a helpful assistant.", help="the system message of every sample")
+    # train.TRAIN_DTYPES, spelled out: this module stays free of torch imports
     ft.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="bf16: autocast (and bf16 LoRA bases); auto (default): bf16 where the CPU has bf16 "
                          "instructions (AVX512-BF16, AMX), else fp32 (torch emulates bf16 there, ~25x slower to train)")
