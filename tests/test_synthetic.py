@@ -187,6 +187,30 @@ def test_grounding_box_is_the_object_box_under_the_rule():
             assert matching(scene, refer(scene, r.fields["object"])) == [r.fields["object"]]
 
 
+def test_vqa_fields_name_the_shapes_each_answer_depends_on():
+    """fields["objects"] (a training aid: which shapes to look at) agrees with the scene and the answer."""
+    seen = set()
+    for seed in range(40):
+        for task in ("vqa_colour", "vqa_shape", "vqa_count", "vqa_position", "vqa_relation", "vqa_yesno", "grounding"):
+            r = build_task(random.Random(seed), task, "en", SMALL)
+            scene, objects, answer = r.scenes[0], r.fields["objects"], r.turns[0][1]
+            assert all(0 <= i < len(scene.objects) for i in objects) and objects == sorted(set(objects))
+            if task == "vqa_colour":
+                assert len(objects) == 1 and colour_name(scene.objects[objects[0]].colour, "en") == answer
+            elif task == "vqa_shape":
+                assert len(objects) == 1 and shape_name(scene.objects[objects[0]].kind, "en") == answer
+            elif task == "vqa_count":
+                assert len(objects) == int(answer)
+            elif task == "vqa_yesno":
+                assert bool(objects) == (answer == "yes")
+            elif task == "vqa_relation":
+                assert len(objects) == 2
+            else:
+                assert len(objects) == 1
+            seen.add((task, len(objects) > 1))
+    assert ("vqa_count", True) in seen
+
+
 def test_chinese_grounding_is_eval_only():
     with pytest.raises(ValueError, match="not trained"):
         build_task(random.Random(0), "grounding", "zh", SMALL)
