@@ -13,6 +13,7 @@ same width, depth and heads (learned positions, PyTorch's default init, or every
     .venv/bin/python experiments/recall_probe.py --model qwen              # the demo LM
     .venv/bin/python experiments/recall_probe.py --model torch             # the stock encoder
     .venv/bin/python experiments/recall_probe.py --model torch --ref-std 0.02
+    .venv/bin/python experiments/recall_probe.py --model qwen --std 0.05 --emb-std 1 --no-final-norm
 Prints held-out accuracy every 100 steps (chance with 2 pairs: 0.5, or 1/40 for a model that ignores the context).
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ parser.add_argument("--model", choices=("qwen", "torch"), default="qwen")
 parser.add_argument("--pairs", type=int, default=2)
 parser.add_argument("--steps", type=int, default=600)
 parser.add_argument("--std", type=float, default=0.02, help="init_weights std of the demo LM")
+parser.add_argument("--emb-std", type=float, help="the demo LM's token embeddings at N(0, emb_std) instead")
+parser.add_argument("--no-final-norm", action="store_true", help="the demo LM without ln_f (an identity instead)")
 parser.add_argument("--ref-std", type=float, help="the stock encoder with every matrix at N(0, ref_std)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
@@ -65,6 +68,10 @@ def build() -> nn.Module:
         model = QWenLMHeadModel(config)
         model.init_weights(torch.Generator().manual_seed(args.seed), std=args.std)
         model.transformer.visual.requires_grad_(False)
+        if args.emb_std is not None:
+            nn.init.normal_(model.transformer.wte.weight, std=args.emb_std)
+        if args.no_final_norm:
+            model.transformer.ln_f = nn.Identity()
         return model
     model = StockEncoder(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, 256)
     if args.ref_std is not None:
