@@ -60,6 +60,8 @@ parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--init", choices=("fresh", "shipped"), default="shipped", help="LM weights to start from")
 parser.add_argument("--heads", type=int, help="attention heads of a fresh LM (same width; kv_channels = width / heads)")
+parser.add_argument("--recall-init", action="store_true",
+                    help="a fresh LM as recall_probe.py learns retrieval: ln_f an identity, embeddings N(0, 1), std 0.05")
 parser.add_argument("--eval-every", type=int, default=250)
 parser.add_argument("--eval-n", type=int, default=100)
 parser.add_argument("--seed", type=int, default=0)
@@ -83,6 +85,10 @@ model = QWenLMHeadModel(config)
 if args.init == "shipped":
     from qwenvl.weights import load_model
     model.load_state_dict(load_model(ASSETS, dtype=torch.float32).state_dict())
+elif args.recall_init:
+    model.init_weights(torch.Generator().manual_seed(args.seed), std=0.05)
+    nn.init.normal_(model.transformer.wte.weight, std=1.0)
+    model.transformer.ln_f = nn.Identity()
 else:
     model.init_weights(torch.Generator().manual_seed(args.seed))
 model.transformer.visual.requires_grad_(False)
