@@ -40,9 +40,8 @@ from qwenvl.model import QWenLMHeadModel, image_span_mask
 from qwenvl.sampling import SamplingParams
 from qwenvl.synthetic import SceneSpec, answer_is_right, build_task, to_conversations
 from qwenvl.synthetic_tasks import TASKS
-from qwenvl.synthetic_world import object_phrase
 from qwenvl.synthetic_scenes import box_1000
-from qwenvl.synthetic_world import COLOURS, SHAPES
+from qwenvl.synthetic_world import COLOURS, SHAPES, object_phrase
 from qwenvl.tokenizer import QWenTokenizer
 from qwenvl.train import adamw, autocast, cosine_lr, resolve_train_dtype
 from qwenvl.vision import sincos_pos_table
@@ -172,11 +171,14 @@ def batch(rng: random.Random, n: int, spec: SceneSpec = SPEC) -> dict:
         prompt, answer = tok.encode(conv[0]["value"]), tok.encode(conv[1]["value"]) + [tok.eod_id]
         rows.append(Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
         scenes.extend(result.scenes)
-        asked = set(result.fields.get("objects", [])) if len(result.scenes) == 1 else set()
-        targets.append([k in asked for k in cell_owners(result.scenes[0])] if result.scenes else [False] * GRID ** 2)
+        if args.guide:                                       # only the attention guide needs the asked cells
+            asked = set(result.fields.get("objects", [])) if len(result.scenes) == 1 else set()
+            targets.append([k in asked for k in cell_owners(result.scenes[0])] if result.scenes else [False] * GRID ** 2)
     ids, labels, mask = collate(rows, tok.pad_token_id)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_features": oracle(scenes),
-            "targets": torch.tensor(targets)}                                          # [B, 64] cells asked about
+    b = {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_features": oracle(scenes)}
+    if args.guide:
+        b["targets"] = torch.tensor(targets)                                           # [B, 64] cells asked about
+    return b
 
 
 def scene_as_text(scene, lang: str) -> str:
@@ -199,8 +201,14 @@ def text_batch(rng: random.Random, n: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def tally(by_n: dict[int, list[bool]]) -> str:
+    """e.g. {1: [True, True], 2: [True, False]} -> "1: 2/2 2: 1/2"."""
+    return " ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in sorted(by_n.items()))
+
+
 @torch.no_grad()
 def text_accuracy(n: int = 100) -> float:
+    """Share of right answers on n held-out English questions of the first task about scenes written as text."""
     model.eval()
     rng, right, by_n = random.Random("text-heldout"), 0, {}
     for _ in range(n):
@@ -210,7 +218,7 @@ def text_accuracy(n: int = 100) -> float:
         ok = answer_is_right(r.task, r.fields, tok.decode([t for t in out[0].tolist() if t != tok.eod_id]))
         right += ok
         by_n.setdefault(len(r.scenes[0].objects), []).append(ok)
-    print("  text by number of shapes: " + " ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in sorted(by_n.items())))
+    print("  text by number of shapes: " + tally(by_n))
     model.train()
     return right / n
 
@@ -267,9 +275,19 @@ def evaluate(n: int) -> dict[str, float]:
                 by_n.setdefault(n_obj, []).append(ok)
         print(f"  e.g. {task}: {answer!r} (truth {r.fields.get('bbox', r.fields.get('answer'))})", flush=True)
         scores[task] = right / n
-        print(f"  {task} by number of shapes: " + " ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in sorted(by_n.items())))
+        print(f"  {task} by number of shapes: " + tally(by_n))
     model.train()
     return scores
+
+
+def optimise(opt, params, loss: torch.Tensor, step: int, total: int) -> None:
+    """One AdamW step at the cosine rate of `step` of `total`, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(step, total, args.lr, min(100, total // 10))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 recorder = Recorder()
@@ -283,29 +301,19 @@ model.train()
 text_params = [p for p in model.parameters() if p.requires_grad]
 text_opt = adamw(text_params, args.lr)
 for step in range(1, args.text_steps + 1):
-    for group in text_opt.param_groups:
-        group["lr"] = cosine_lr(step, args.text_steps, args.lr, min(100, args.text_steps // 10))
     b = text_batch(rng, args.batch)
     loss = per_sample_loss(model(b["input_ids"], attention_mask=b["attention_mask"]), b["labels"]).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(text_params, 1.0)
-    text_opt.step()
-    text_opt.zero_grad(set_to_none=True)
+    optimise(text_opt, text_params, loss, step, args.text_steps)
     if step % 100 == 0 or step == args.text_steps:
         print(f"text step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s"
               + (f" held-out {text_accuracy():.2f}" if step % 500 == 0 or step == args.text_steps else ""), flush=True)
 for step in range(1, args.steps + 1):
-    for group in opt.param_groups:
-        group["lr"] = cosine_lr(step, args.steps, args.lr, min(100, args.steps // 10))
     b = batch(rng, args.batch, WARM_SPEC if step <= args.warm_steps else SPEC)
     with autocast(resolve_train_dtype("auto")):
         logits = model(b["input_ids"], image_features=b["image_features"], attention_mask=b["attention_mask"])
     loss = per_sample_loss(logits, b["labels"]).mean()
     guided = guide_loss(recorder.probs, b) if args.guide else loss.new_zeros(())
-    (loss + args.guide * guided).backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimise(opt, params, loss + args.guide * guided, step, args.steps)
     if step % 50 == 0:
         print(f"step {step} loss {loss.item():.4f} guide {guided.item():.3f} {time.time() - t0:.0f}s", flush=True)
     if step % args.eval_every == 0 or step == args.steps:
