@@ -66,6 +66,9 @@ parser.add_argument("--eval-n", type=int, default=100)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--text-steps", type=int, default=0,
                     help="first train the LM on the same questions about scenes written as text (no image)")
+parser.add_argument("--short", type=float, default=0.0,
+                    help="share of training questions without their final '?' (the asked word then sits where the "
+                         "answer is predicted: retrieval without the extra hop)")
 parser.add_argument("--guide", type=float, default=0.0,
                     help="weight of an attention loss pointing heads of --guide-layer at the asked objects' cells")
 parser.add_argument("--guide-layer", type=int, default=1)
@@ -194,7 +197,8 @@ def text_batch(rng: random.Random, n: int) -> dict:
         task = rng.choice(args.tasks)
         lang = rng.choice(TASKS[task].langs)
         r = build_task(rng, task, lang, SPEC)
-        prompt = tok.encode(scene_as_text(r.scenes[0], lang) + "\n" + r.turns[0][0])
+        question = r.turns[0][0].rstrip("?？") if rng.random() < args.short else r.turns[0][0]
+        prompt = tok.encode(scene_as_text(r.scenes[0], lang) + "\n" + question)
         answer = tok.encode(r.turns[0][1]) + [tok.eod_id]
         rows.append(Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
     ids, labels, mask = collate(rows, tok.pad_token_id)
