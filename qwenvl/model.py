@@ -127,13 +127,16 @@ class QWenLMHeadModel(nn.Module):
         return rope_cos_sin(position_ids, alpha, cfg.rotary_dim, cfg.rotary_emb_base)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        """Random init for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02,
+                     embedding_std: float | None = None) -> None:
+        """Random init for training from scratch: normal(0, std) matrices (the token embeddings at
+        normal(0, embedding_std) if given), unit norms, zero biases."""
         for name, p in self.named_parameters():
             if name.startswith("transformer.visual."):
                 continue
             if p.ndim == 1:
                 p.fill_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
             else:
-                p.normal_(0.0, std, generator=generator)
+                wte = name == "transformer.wte.weight" and embedding_std is not None
+                p.normal_(0.0, embedding_std if wte else std, generator=generator)
         self.transformer.visual.init_weights(generator)

@@ -8,7 +8,8 @@
 Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its folder):
   vit_pretrain  the ViT alone on dense per-patch labels     (the paper starts from a pretrained CLIP ViT)
   tokenizer     BPE on the world's text, saved as qwen.tiktoken (+ the Qwen special tokens after it)
-  lm_pretrain   the LM alone on the world's text            (the paper starts from a pretrained Qwen-7B)
+  lm_retrieval  the LM alone on the world's text and on questions about scenes written out in words, ln_f bypassed
+  lm_pretrain   the same with ln_f back                     (the paper starts from a pretrained Qwen-7B)
   stage1        ViT + adapter on captions, LM frozen, 112 px
   stage2        everything trainable, 224 px: one object / one attribute (stage2_warmup), then easy scenes
                 (stage2_easy), then the full multi-task mix
@@ -52,12 +53,13 @@ from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
 from qwenvl.sampling import SamplingParams
 from qwenvl.bpe import save_tiktoken, train_bpe
-from qwenvl.synthetic import (STAGE_MIXES, STAGE_SPECS, SceneSpec, answer_is_right, build_task, render_scene,
-                              sample_scene, to_conversations, world_text)
+from qwenvl.synthetic import (DESCRIBED_TASKS, STAGE_MIXES, STAGE_SPECS, SceneSpec, answer_is_right, build_task,
+                              describe_scene, described_scene_qa, render_scene, sample_scene, to_conversations,
+                              world_text)
 from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
-from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, cosine_lr, load_state, plot_losses,
-                          resolve_train_dtype, save_state, set_trainable)
+from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, bypass_final_norm, cosine_lr,
+                          load_state, plot_losses, resolve_train_dtype, restore_final_norm, save_state, set_trainable)
 from qwenvl.weights import save_checkpoint
 
 # --------------------------------------------------------------------------- config
@@ -88,7 +90,8 @@ class Stage:
 
 
 FULL = {
-    "lm_pretrain": Stage("lm_pretrain", 600, 32, 2e-3, 60),
+    "lm_retrieval": Stage("lm_retrieval", 1500, 32, 1e-3, 100),
+    "lm_pretrain": Stage("lm_pretrain", 600, 32, 1e-3, 60),
     "vit_pretrain": Stage("vit_pretrain", 900, 32, 1e-3, 100),
     "stage1": Stage("stage1", 100, 32, 5e-5, 10, resolution=112),
     "stage2_read": Stage("stage2_read", 300, 16, 3e-4, 20),
@@ -242,7 +245,9 @@ tok = QWenTokenizer(tok_dir / "qwen.tiktoken", image_span=config.visual.n_querie
 log(f"tokenizer: {n_ranks} ranks, vocab {tok.n_vocab} (embedding rows {config.vocab_size})")
 
 model = QWenLMHeadModel(config)
-model.init_weights(torch.Generator().manual_seed(args.seed))
+# Embeddings at N(0, 1), matrices at N(0, 0.05), and ln_f bypassed through lm_retrieval: the init under which this LM
+# learns to fetch things from its context (train.bypass_final_norm; README issue #3).
+model.init_weights(torch.Generator().manual_seed(args.seed), std=0.05, embedding_std=1.0)
 n_params = sum(p.numel() for p in model.parameters())
 log(f"model: {n_params / 1e6:.2f} M parameters, training in {TRAIN_DTYPE}")
 
@@ -309,19 +314,55 @@ def vl_loss(batch: dict) -> torch.Tensor:
     return per_sample_loss(logits, batch["labels"]).mean()
 
 
-# --------------------------------------------------------------------------- lm_pretrain
+# --------------------------------------------------------------------------- lm_retrieval, lm_pretrain
 def text_batch(rng: random.Random, stage: Stage) -> dict:
+    """Half the world's text (every token supervised), half questions about scenes written out in words (only the
+    answer supervised): the LM learns the world's language and to fetch an answer from its context."""
     rows = []
-    for text in world_text(rng, stage.batch):
-        ids = tok.encode(text)[:128] + [tok.eod_id]         # ChatML and box tags as the model will see them
-        rows.append(Rendered(ids, ids))
+    for _ in range(stage.batch):
+        if rng.random() < 0.5:
+            ids = tok.encode(next(world_text(rng, 1)))[:128] + [tok.eod_id]   # ChatML and box tags as the model sees them
+            rows.append(Rendered(ids, ids))
+        else:
+            context, answer = described_scene_qa(rng)
+            context_ids, answer_ids = tok.encode(context), tok.encode(answer) + [tok.eod_id]
+            rows.append(Rendered(context_ids + answer_ids, [IGNORE_INDEX] * len(context_ids) + answer_ids))
     ids, labels, mask = collate(rows, tok.pad_token_id)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": None}
 
 
+@torch.no_grad()
+def retrieval_probe(name: str, n: int = 48 if not args.smoke else 2) -> None:
+    """Greedy answers to held-out questions about described scenes with several shapes (English, plain text, with
+    their '?'): the LM fetching from its context, which every image task about several shapes needs."""
+    model.eval()
+    scores = {}
+    for task in DESCRIBED_TASKS["en"]:
+        rng, right = random.Random(f"{args.seed}-retrieval-{task}"), 0
+        for _ in range(n):
+            r = build_task(rng, task, "en", SceneSpec(n_objects=(2, 5), n_texts=(0, 0)))
+            context = describe_scene(r.scenes[0], "en") + "\n" + r.turns[0][0] + "\n"
+            out = generate(model, torch.tensor([tok.encode(context)]), SamplingParams(max_new_tokens=24, do_sample=False),
+                           eos_token_id=tok.eod_id)
+            right += answer_is_right(task, r.fields, tok.decode([t for t in out[0].tolist() if t < tok.eod_id]))
+        scores[task] = round(right / n, 3)
+    model.train()
+    log(f"{name}: retrieval probe (described scenes, 2-5 shapes) {scores}")
+    path = OUT / "probes.json"
+    probes = json.loads(path.read_text()) if path.is_file() else {}
+    probes[name] = scores
+    path.write_text(json.dumps(probes, indent=1))
+
+
 if wanted("lm_pretrain"):
     set_trainable(model, vit=False, adapter=False, llm=True)
-    run_stage(STAGES["lm_pretrain"], model, text_batch, vl_loss)
+    bypass_final_norm(model)
+    if run_stage(STAGES["lm_retrieval"], model, text_batch, vl_loss):
+        retrieval_probe("lm_retrieval")
+    batch = text_batch(random.Random(f"{args.seed}-final-norm"), STAGES["lm_pretrain"])
+    log(f"ln_f back, weight {restore_final_norm(model, batch['input_ids'], batch['attention_mask']):.2f}")
+    if run_stage(STAGES["lm_pretrain"], model, text_batch, vl_loss):
+        retrieval_probe("lm_pretrain")
 
 
 # --------------------------------------------------------------------------- stage 1, 2, 3
@@ -416,7 +457,8 @@ if wanted("stage3"):
 
 
 # --------------------------------------------------------------------------- weights for eval / export
-MODEL_STAGES = [name for name in STAGES if name != "vit_pretrain"]     # the language model's, in order
+# The language model's stages, in order (lm_retrieval's weights have no ln_f: not a complete checkpoint).
+MODEL_STAGES = [name for name in STAGES if name not in ("vit_pretrain", "lm_retrieval")]
 if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "stage2", "stage3")):
     # e.g. `--only eval`: no stage ran, so evaluate and export the last finished one (a stopped run's best so far).
     finished = [name for name in MODEL_STAGES if (OUT / name / "DONE").is_file()]

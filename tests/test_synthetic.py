@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qwenvl.synthetic import (
-    TASKS, Ref, SceneSpec, answer_is_right, box_1000, build_task, make_sample, matching, object_mask, refer, render_scene,
-    sample_rng, sample_scene, to_1000, world_text, write_eval_sets,
+    TASKS, Ref, Scene, SceneSpec, Shape, answer_is_right, box_1000, build_task, described_scene_qa, describe_scene,
+    make_sample, matching, object_mask, refer, render_scene, sample_rng, sample_scene, to_1000, world_text,
+    write_eval_sets,
 )
 from qwenvl.synthetic_scenes import shape_mask, text_mask
 from qwenvl.synthetic_world import COLOURS, SHAPES, colour_name, shape_name
@@ -263,6 +264,24 @@ def test_zh_grounding_never_appears_in_training_text():
     for i in range(200):
         r = build_task(sample_rng(5, "chat", i), "chat", "zh", SMALL)
         assert not any(u.startswith("<ref>") or "框" in u for u, _ in r.turns)
+
+
+def test_described_scenes_answer_from_the_description_and_never_box_chinese():
+    rng = random.Random(3)
+    for _ in range(200):
+        context, answer = described_scene_qa(rng)
+        assert answer and context.endswith("\n") and "<img>" not in context
+        if CJK.search(context):
+            assert "<box>" not in context + answer                  # Chinese grounding stays zero-shot
+            assert "场景：" in context
+        else:
+            assert context.count("<box>") >= 1 and "Scene: a" in context
+    scene = Scene(width=200, height=100, background=None, texts=(), objects=(
+        Shape("circle", "red", "small", (255, 0, 0), 10, 20, 20, (10, 20, 30, 40), 1.0),
+        Shape("square", "blue", "large", (0, 0, 255), 100, 10, 80, (100, 10, 180, 90), 1.0)))
+    assert describe_scene(scene, "en") == ("Scene: a small red circle <box>(50,200),(150,400)</box>; "
+                                           "a large blue square <box>(500,100),(900,900)</box>.")
+    assert describe_scene(scene, "zh") == "场景：红色的小圆形；蓝色的大正方形。"
 
 
 def test_multi_image_difference_changes_exactly_one_shape():

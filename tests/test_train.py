@@ -14,8 +14,8 @@ import tiktoken
 from qwenvl.bpe import save_tiktoken, train_bpe
 from qwenvl.tokenizer import PAT_STR, QWenTokenizer
 from qwenvl import quant_kernels
-from qwenvl.train import (LossLog, adamw, autocast, cosine_lr, load_state, plot_losses, resolve_train_dtype, save_state,
-                          set_trainable)
+from qwenvl.train import (LossLog, adamw, autocast, bypass_final_norm, cosine_lr, load_state, plot_losses,
+                          resolve_train_dtype, restore_final_norm, save_state, set_trainable)
 from qwenvl.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,28 @@ def test_freeze_switches_follow_the_paper_stages():
     set_trainable(model, vit=True, adapter=True, llm=False)           # stage 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "transformer.visual.conv1.weight" in trainable and "lm_head.weight" not in trainable
+
+
+def test_final_norm_bypass_and_restore_keep_the_logits_scale_and_the_official_keys():
+    model = load_model(TINY, "float32")
+    model.init_weights(torch.Generator().manual_seed(0), std=0.05, embedding_std=1.0)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    ids = torch.randint(0, 900, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0                                                   # left padding is left out of the RMS
+    bypass_final_norm(model)
+    assert "transformer.ln_f.weight" not in model.state_dict()
+    with torch.no_grad():
+        bypassed = model(ids, attention_mask=mask)
+    rms = restore_final_norm(model, ids, mask)
+    assert "transformer.ln_f.weight" in model.state_dict() and rms > 0.5
+    assert torch.allclose(model.transformer.ln_f.weight, torch.full_like(model.transformer.ln_f.weight, rms))
+    with torch.no_grad():
+        restored = model(ids, attention_mask=mask)
+    assert not torch.allclose(restored, bypassed)                     # a norm again, not an identity
+    scale = restored[mask.bool()].std() / bypassed[mask.bool()].std()
+    assert 0.8 < scale.item() < 1.25                                  # logits keep their scale on average
 
 
 def test_cosine_schedule_worked_example():
@@ -117,11 +139,12 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
            "--export", str(tmp_path / "model")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_easy", "stage2", "stage3")
+    stages = ("vit_pretrain", "lm_retrieval", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_easy", "stage2", "stage3")
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     probed = first.stdout.count(": probe (")                      # after every stage of stage 1 onwards
     assert probed == len([s for s in stages if s.startswith("stage")]), first.stdout[-2000:]
+    assert first.stdout.count(": retrieval probe (") == 2         # after lm_retrieval and lm_pretrain
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done earlier") == len(stages)
     assert ": probe (" not in again.stdout                        # nothing trained: nothing probed again
