@@ -67,8 +67,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--text-steps", type=int, default=0,
                     help="first train the LM on the same questions about scenes written as text (no image)")
 parser.add_argument("--short", type=float, default=0.0,
-                    help="share of training questions without their final '?' (the asked word then sits where the "
-                         "answer is predicted: retrieval without the extra hop)")
+                    help="share of training questions (text and image) without their final '?' (the asked word then "
+                         "sits where the answer is predicted: retrieval without the extra hop)")
 parser.add_argument("--guide", type=float, default=0.0,
                     help="weight of an attention loss pointing heads of --guide-layer at the asked objects' cells")
 parser.add_argument("--guide-layer", type=int, default=1)
@@ -171,7 +171,8 @@ def batch(rng: random.Random, n: int, spec: SceneSpec = SPEC) -> dict:
     rows, scenes, targets = [], [], []
     for _ in range(n):
         conv, result = sample(rng, spec=spec)
-        prompt, answer = tok.encode(conv[0]["value"]), tok.encode(conv[1]["value"]) + [tok.eod_id]
+        question = conv[0]["value"].rstrip("?？") if args.short and rng.random() < args.short else conv[0]["value"]
+        prompt, answer = tok.encode(question), tok.encode(conv[1]["value"]) + [tok.eod_id]
         rows.append(Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
         scenes.extend(result.scenes)
         if args.guide:                                       # only the attention guide needs the asked cells
@@ -197,7 +198,7 @@ def text_batch(rng: random.Random, n: int) -> dict:
         task = rng.choice(args.tasks)
         lang = rng.choice(TASKS[task].langs)
         r = build_task(rng, task, lang, SPEC)
-        question = r.turns[0][0].rstrip("?？") if rng.random() < args.short else r.turns[0][0]
+        question = r.turns[0][0].rstrip("?？") if args.short and rng.random() < args.short else r.turns[0][0]
         prompt = tok.encode(scene_as_text(r.scenes[0], lang) + "\n" + question)
         answer = tok.encode(r.turns[0][1]) + [tok.eod_id]
         rows.append(Rendered(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
