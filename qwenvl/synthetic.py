@@ -281,18 +281,17 @@ DESCRIBED_TASKS = {"en": (*VQA_TASKS, "grounding"), "zh": ("vqa_colour", "vqa_sh
 DESCRIBED_SPEC = SceneSpec(n_objects=(1, 5), n_texts=(0, 0))
 
 
-def describe_scene(scene: Scene, lang: str) -> str:
-    """The shapes in drawing order, English ones with their boxes in [0, 1000).
+def describe_scene(scene: Scene, lang: str, boxes: bool | None = None) -> str:
+    """The shapes in drawing order, with their boxes in [0, 1000) if `boxes` (default: in English only).
 
     e.g. "Scene: a small red circle <box>(100,120),(300,340)</box>; a large blue square <box>(…)</box>." or
     "场景：红色的小圆形；蓝色的大正方形。"
     """
     from qwenvl.synthetic_world import object_phrase
-    if lang == "en":
-        parts = [object_phrase(o.colour, o.kind, "en", size=o.size, article="a") + " "
-                 + box_text(o.bbox, scene.width, scene.height) for o in scene.objects]
-        return "Scene: " + "; ".join(parts) + "."
-    return "场景：" + "；".join(object_phrase(o.colour, o.kind, "zh", size=o.size) for o in scene.objects) + "。"
+    boxes = lang == "en" if boxes is None else boxes
+    parts = [object_phrase(o.colour, o.kind, lang, size=o.size, article="a" if lang == "en" else "")
+             + (" " + box_text(o.bbox, scene.width, scene.height) if boxes else "") for o in scene.objects]
+    return "Scene: " + "; ".join(parts) + "." if lang == "en" else "场景：" + "；".join(parts) + "。"
 
 
 def described_scene_qa(rng: random.Random, short: float = 0.3, spec: SceneSpec = DESCRIBED_SPEC) -> tuple[str, str]:

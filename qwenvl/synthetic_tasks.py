@@ -143,7 +143,7 @@ def grounding(scenes: tuple[Scene, ...], rng: random.Random, lang: str) -> TaskR
     answer = box if prompt.startswith("<ref>") else f"<ref>{sent}</ref>{box}"
     return TaskResult("grounding", lang, (scene,), [(prompt.format(r=sent), answer)],
                       {"sent": sent, "bbox": list(scene.objects[i].bbox), "width": scene.width,
-                       "height": scene.height, "object": i, "objects": [i]})
+                       "height": scene.height, "objects": [i]})
 
 
 # ---------------------------------------------------------------------------------------------

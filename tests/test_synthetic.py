@@ -184,8 +184,9 @@ def test_grounding_box_is_the_object_box_under_the_rule():
             scene = r.scenes[0]
             box = tuple(int(v) for v in BOX.search(r.turns[0][1]).groups())
             assert box == box_1000(tuple(r.fields["bbox"]), scene.width, scene.height)
-            assert list(scene.objects[r.fields["object"]].bbox) == r.fields["bbox"]
-            assert matching(scene, refer(scene, r.fields["object"])) == [r.fields["object"]]
+            (i,) = r.fields["objects"]
+            assert list(scene.objects[i].bbox) == r.fields["bbox"]
+            assert matching(scene, refer(scene, i)) == [i]
 
 
 def test_vqa_fields_name_the_shapes_each_answer_depends_on():
