@@ -43,7 +43,7 @@ from qwenvl.synthetic_tasks import TASKS
 from qwenvl.synthetic_scenes import box_1000
 from qwenvl.synthetic_world import COLOURS, SHAPES
 from qwenvl.tokenizer import QWenTokenizer
-from qwenvl.train import adamw, autocast, cosine_lr, resolve_train_dtype
+from qwenvl.train import adamw, autocast, bypass_final_norm, cosine_lr, resolve_train_dtype, restore_final_norm
 from qwenvl.vision import sincos_pos_table
 
 ASSETS = Path(__file__).resolve().parents[1] / "qwenvl" / "assets" / "demo_model"
@@ -57,8 +57,14 @@ parser.add_argument("--steps", type=int, default=1500)
 parser.add_argument("--warm-steps", type=int, default=0, help="first steps on one-object scenes (a curriculum)")
 parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
-parser.add_argument("--init", choices=("fresh", "shipped"), default="shipped", help="LM weights to start from")
+parser.add_argument("--init", choices=("fresh", "shipped", "stage"), default="shipped",
+                    help="LM weights to start from: fresh, the shipped model's, or a train_demo.py stage's (--stage)")
+parser.add_argument("--stage", type=Path, help="a train_demo.py stage's model.pt (e.g. runs/demo/lm_pretrain/model.pt; "
+                                               "stages before 3 have no ln_f, which is then bypassed)")
 parser.add_argument("--heads", type=int, help="attention heads of a fresh LM (same width; kv_channels = width / heads)")
+parser.add_argument("--restore-norm", action="store_true",
+                    help="with a bypassed ln_f (--recall-init, a stage before 3): put it back before training, "
+                         "its weight at the residual's mean RMS on a text batch (as train_demo.py does)")
 parser.add_argument("--recall-init", action="store_true",
                     help="a fresh LM as recall_probe.py learns retrieval: ln_f an identity, embeddings N(0, 1), std 0.05")
 parser.add_argument("--eval-every", type=int, default=250)
@@ -87,6 +93,11 @@ model = QWenLMHeadModel(config)
 if args.init == "shipped":
     from qwenvl.weights import load_model
     model.load_state_dict(load_model(ASSETS, dtype=torch.float32).state_dict())
+elif args.init == "stage":
+    state = torch.load(args.stage, map_location="cpu", weights_only=True)
+    if "transformer.ln_f.weight" not in state:
+        bypass_final_norm(model)
+    model.load_state_dict(state)
 elif args.recall_init:
     model.init_weights(torch.Generator().manual_seed(args.seed), std=0.05)
     nn.init.normal_(model.transformer.wte.weight, std=1.0)
@@ -294,6 +305,9 @@ def optimise(opt, params, loss: torch.Tensor, step: int, total: int) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+if args.restore_norm:
+    b = text_batch(random.Random("restore-norm"), 32)
+    print(f"ln_f back, weight {restore_final_norm(model, b['input_ids'], b['attention_mask']):.2f}", flush=True)
 recorder = Recorder()
 if args.guide:
     model.transformer.h[args.guide_layer].attn.attend = recorder
