@@ -32,7 +32,8 @@ from qwenvl.synthetic_scenes import (  # noqa: F401  (re-exported: the public AP
 )
 from qwenvl.synthetic_refs import NotApplicable, Ref, TaskResult, matching, refer  # noqa: F401
 from qwenvl.synthetic_tasks import TASKS, VQA_TASKS, answer_is_right, build_task, caption_text  # noqa: F401
-from qwenvl.synthetic_world import COLOURS, EN_WORDS, SHAPES, ZH_WORDS, colour_name, shape_name, zh_number
+from qwenvl.synthetic_world import (COLOURS, EN_WORDS, SHAPES, ZH_WORDS, colour_name, object_phrase, shape_name,
+                                    zh_number)
 
 SYSTEM = "You are a helpful assistant."
 
@@ -287,7 +288,6 @@ def describe_scene(scene: Scene, lang: str, boxes: bool | None = None) -> str:
     e.g. "Scene: a small red circle <box>(100,120),(300,340)</box>; a large blue square <box>(…)</box>." or
     "场景：红色的小圆形；蓝色的大正方形。"
     """
-    from qwenvl.synthetic_world import object_phrase
     boxes = lang == "en" if boxes is None else boxes
     parts = [object_phrase(o.colour, o.kind, lang, size=o.size, article="a" if lang == "en" else "")
              + (" " + box_text(o.bbox, scene.width, scene.height) if boxes else "") for o in scene.objects]

@@ -58,6 +58,7 @@ from qwenvl.bpe import save_tiktoken, train_bpe
 from qwenvl.synthetic import (DESCRIBED_TASKS, STAGE_MIXES, STAGE_SPECS, VQA_TASKS, SceneSpec, answer_is_right,
                               build_task, describe_scene, described_scene_qa, render_scene, sample_scene,
                               to_conversations, world_text)
+from qwenvl.text import RMSNorm
 from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
 from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, bypass_final_norm, cosine_lr,
@@ -258,6 +259,8 @@ def restore_ln_f() -> None:
     """ln_f back (before stage 3 or an export), its weight at the residual's mean RMS on a text batch."""
     batch = text_batch(random.Random(f"{args.seed}-final-norm"), STAGES["lm_pretrain"])
     log(f"ln_f back, weight {restore_final_norm(model, batch['input_ids'], batch['attention_mask']):.2f}")
+
+
 n_params = sum(p.numel() for p in model.parameters())
 log(f"model: {n_params / 1e6:.2f} M parameters, training in {TRAIN_DTYPE}")
 
@@ -368,9 +371,14 @@ def retrieval_probe(name: str, n: int = 48 if not args.smoke else 2) -> None:
         scores[task] = round(right / n, 3)
     model.train()
     log(f"{name}: retrieval probe (described scenes, 2-5 shapes) {scores}")
+    record_probe(name, scores)
+
+
+def record_probe(name: str, result: dict) -> None:
+    """Add a stage's probe result to OUT/probes.json."""
     path = OUT / "probes.json"
     probes = json.loads(path.read_text()) if path.is_file() else {}
-    probes[name] = scores
+    probes[name] = result
     path.write_text(json.dumps(probes, indent=1))
 
 
@@ -441,10 +449,7 @@ def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
     model.train()
     log(f"{name}: probe (teacher-forced exact answer, real / blank images) "
         + ", ".join(f"{k} {v['real']}/{v['blank']}" for k, v in result.items()))
-    path = OUT / "probes.json"
-    probes = json.loads(path.read_text()) if path.is_file() else {}
-    probes[name] = result
-    path.write_text(json.dumps(probes, indent=1))
+    record_probe(name, result)
     return result
 
 
@@ -481,9 +486,10 @@ if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "sta
         sys.exit(f"{OUT}: no finished stage to evaluate or export")
     state = torch.load(OUT / finished[-1] / "model.pt", weights_only=True)
     if "transformer.ln_f.weight" in state:                   # stage 3 on; earlier stages train with ln_f bypassed
-        restore_ln_f()
-    model.load_state_dict(state)
-    if "transformer.ln_f.weight" not in state:
+        model.transformer.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        model.load_state_dict(state)
+    else:
+        model.load_state_dict(state)
         restore_ln_f()
     log(f"loaded {finished[-1]}, the last finished stage")
 
