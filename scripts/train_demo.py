@@ -54,12 +54,12 @@ from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
 from qwenvl.sampling import SamplingParams
-from qwenvl.bpe import save_tiktoken, train_bpe
+from qwenvl.bpe import PAT_STR_HAN_CHARS, save_tiktoken, train_bpe
 from qwenvl.synthetic import (DESCRIBED_TASKS, STAGE_MIXES, STAGE_SPECS, VQA_TASKS, SceneSpec, answer_is_right,
                               build_task, describe_scene, described_scene_qa, render_scene, sample_scene,
                               to_conversations, world_text)
 from qwenvl.text import RMSNorm
-from qwenvl.tokenizer import PAT_STR, SPECIAL_TOKENS, QWenTokenizer
+from qwenvl.tokenizer import SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
 from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, bypass_final_norm, cosine_lr,
                           load_state, plot_losses, resolve_train_dtype, restore_final_norm, save_state, set_trainable)
@@ -238,7 +238,7 @@ tok_dir = OUT / "tokenizer"
 if not (tok_dir / "qwen.tiktoken").is_file():
     log(f"tokenizer: BPE with {BPE_MERGES} merges on {BPE_TEXTS} world texts")
     texts = list(world_text(random.Random(args.seed), BPE_TEXTS))
-    ranks = train_bpe(texts, 256 + BPE_MERGES, PAT_STR, special_tokens=SPECIAL_TOKENS)
+    ranks = train_bpe(texts, 256 + BPE_MERGES, PAT_STR_HAN_CHARS, special_tokens=SPECIAL_TOKENS)
     tok_dir.mkdir(parents=True, exist_ok=True)
     save_tiktoken(ranks, tok_dir / "qwen.tiktoken.tmp")
     (tok_dir / "qwen.tiktoken.tmp").replace(tok_dir / "qwen.tiktoken")

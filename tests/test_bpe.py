@@ -7,7 +7,7 @@ import pytest
 import tiktoken
 from hypothesis import given, settings, strategies as st
 
-from qwenvl.bpe import PAT_STR, count_pretokens, load_tiktoken, save_tiktoken, train_bpe
+from qwenvl.bpe import PAT_STR, PAT_STR_HAN_CHARS, count_pretokens, load_tiktoken, save_tiktoken, train_bpe
 from qwenvl.synthetic import SceneSpec, world_text
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -33,6 +33,20 @@ def test_ranks_are_bytes_then_merges(ranks):
     assert sorted(ranks.values()) == list(range(len(ranks)))
     assert all(ranks[bytes([b])] == b for b in range(256))
     assert all(len(tok) >= 2 for tok, r in ranks.items() if r >= 256)
+
+
+def test_han_characters_are_never_merged_together(corpus):
+    """The demo tokenizer's training regex: Chinese phrases stay per character, so '红色' shares '色' with '蓝色'."""
+    han = lambda tok: sum("\u4e00" <= ch <= "\u9fff" for ch in tok.decode("utf-8", errors="ignore"))
+    phrase_ranks = train_bpe(corpus, 256 + 800, special_tokens=SPECIALS)
+    assert any(han(tok) >= 2 for tok in phrase_ranks)                      # Qwen's own regex: whole phrases
+    ranks = train_bpe(corpus, 256 + 800, PAT_STR_HAN_CHARS, special_tokens=SPECIALS)
+    assert not any(han(tok) >= 2 for tok in ranks)
+    enc = tiktoken.Encoding("world", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
+    text = "图中的正方形是什么颜色？ What colour is the square?"
+    pieces = [enc.decode([i]) for i in enc.encode(text)]
+    assert pieces[:12] == list("图中的正方形是什么颜色？") and " colour" in pieces
+    assert enc.decode(enc.encode(text)) == text
 
 
 def test_specials_are_cut_out_before_training(ranks):
