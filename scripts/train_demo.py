@@ -90,6 +90,7 @@ class Stage:
     lr: float
     warmup: int
     resolution: int = 224
+    probe_every: int = 0        # steps between probes inside the stage (0: only the one after it)
 
 
 FULL = {
@@ -98,12 +99,13 @@ FULL = {
     "stage1": Stage("stage1", 100, 32, 5e-5, 10, resolution=112),
     "stage2_read": Stage("stage2_read", 300, 16, 3e-4, 20),
     "stage2_warmup": Stage("stage2_warmup", 450, 16, 3e-4, 20),
-    "stage2_pairs": Stage("stage2_pairs", 600, 24, 5e-4, 30),
+    "stage2_pairs": Stage("stage2_pairs", 1000, 24, 5e-4, 30, probe_every=250),
     "stage2_easy": Stage("stage2_easy", 700, 24, 3e-4, 50),
     "stage2": Stage("stage2", 900, 24, 2e-4, 50),
     "stage3": Stage("stage3", 400, 16, 1e-4, 30),
 }
-SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1) for name, s in FULL.items()}
+SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1, probe_every=min(s.probe_every, 2))
+         for name, s in FULL.items()}
 STAGES = SMOKE if args.smoke else FULL
 BPE_MERGES = 200 if args.smoke else 2800
 BPE_TEXTS = 500 if args.smoke else 60_000
@@ -132,8 +134,9 @@ def pixels(images: list, resolution: int) -> torch.Tensor | None:
     return torch.stack([preprocess_v1(im, resolution) for im in images]) if images else None
 
 
-def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> bool:
-    """Train `module` for stage.steps, checkpointing atomically every SAVE_EVERY_S; resumable. False: done earlier."""
+def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn, check=None) -> bool:
+    """Train `module` for stage.steps, checkpointing atomically every SAVE_EVERY_S; resumable. False: done earlier.
+    `check(step)` runs every stage.probe_every steps before the last."""
     folder = OUT / stage.name
     if (folder / "DONE").is_file():
         module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
@@ -166,6 +169,8 @@ def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn) -> bool:
             print(f"\r{stage.name} {step}/{stage.steps} loss {np.mean(window):.4f} {rate:.1f} samples/s",
                   end="", flush=True, file=sys.stderr)
             window, t0 = [], time.time()
+        if check and stage.probe_every and step % stage.probe_every == 0 and step < stage.steps:
+            check(step)
         if time.time() - last_save > SAVE_EVERY_S:
             save_state(folder / "state.pt", module, opt, step, rng, np_rng)
             plot_losses(OUT / "loss.csv", OUT / "loss.png")
@@ -429,7 +434,7 @@ def _answer_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
+def probe(name: str, n: int = 16 if not args.smoke else 2, label: str | None = None) -> dict:
     """Per task: share of held-out samples (scenes like the stage's own) whose whole answer is predicted
     (teacher-forced) with the real images and with blank ones. Real above blank is the image being used; minutes per check, not hours."""
     model.eval()
@@ -448,9 +453,9 @@ def probe(name: str, n: int = 16 if not args.smoke else 2) -> dict:
             scores.append(round(_answer_exact(logits, batch["labels"]).mean().item(), 3))
         result[f"{task}_{lang}"] = {"real": scores[0], "blank": scores[1]}
     model.train()
-    log(f"{name}: probe (teacher-forced exact answer, real / blank images) "
+    log(f"{label or name}: probe (teacher-forced exact answer, real / blank images) "
         + ", ".join(f"{k} {v['real']}/{v['blank']}" for k, v in result.items()))
-    record_probe(name, result)
+    record_probe(label or name, result)
     return result
 
 
@@ -466,7 +471,8 @@ if wanted("stage2"):
         probe("stage2_read")
     if run_stage(STAGES["stage2_warmup"], model, stage_batch(chatml=False), vl_loss):
         probe("stage2_warmup")
-    if run_stage(STAGES["stage2_pairs"], model, stage_batch(chatml=False), vl_loss):
+    if run_stage(STAGES["stage2_pairs"], model, stage_batch(chatml=False), vl_loss,
+                 check=lambda step: probe("stage2_pairs", label=f"stage2_pairs@{step}")):
         probe("stage2_pairs")
     if run_stage(STAGES["stage2_easy"], model, stage_batch(chatml=False), vl_loss):
         probe("stage2_easy")

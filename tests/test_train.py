@@ -143,7 +143,8 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     probed = first.stdout.count(": probe (")                      # after every stage of stage 1 onwards
-    assert probed == len([s for s in stages if s.startswith("stage")]), first.stdout[-2000:]
+    assert probed == len([s for s in stages if s.startswith("stage")]) + 1, first.stdout[-2000:]
+    assert "stage2_pairs@2: probe (" in first.stdout                 # one inside the stage (probe_every)
     assert first.stdout.count(": retrieval probe (") == 1         # after lm_pretrain
     assert first.stdout.count("ln_f back") == 1                   # before stage 3 (bypassed until then)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
