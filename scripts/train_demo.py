@@ -19,7 +19,8 @@ written to OUT/loss.csv and OUT/loss.png; quick held-out checks to OUT/quick_eva
 
 Measured (2 cores; the README's "The demo model" has every probe). The whole recipe as it is (session 15, fp32 on an
 AVX2-only AMD EPYC): ~2 h 8 min of stages; stage2_pairs did not teach retrieval from real features (colour about 2
-shapes 0.50-0.69 through 1000 steps at lr 5e-4, oracle image tokens 0.96 in 600 at 1e-3). Earlier notes:
+shapes 0.50-0.69 through 1000 steps at lr 5e-4, oracle image tokens 0.96 in 600 at 1e-3); with the ViT frozen at lr
+1e-3 it did (0.94 after 500 steps), which is the recipe now. Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).
   lm_pretrain as now (half described-scene questions, ln_f bypassed), 1500 steps on one busy core (66 min): held-out
