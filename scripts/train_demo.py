@@ -500,11 +500,11 @@ if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "sta
     if not finished:
         sys.exit(f"{OUT}: no finished stage to evaluate or export")
     state = torch.load(OUT / finished[-1] / "model.pt", weights_only=True)
-    if "transformer.ln_f.weight" in state:                   # stage 3 on; earlier stages train with ln_f bypassed
+    has_ln_f = "transformer.ln_f.weight" in state            # stage 3 on; earlier stages train with ln_f bypassed
+    if has_ln_f:
         model.transformer.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        model.load_state_dict(state)
-    else:
-        model.load_state_dict(state)
+    model.load_state_dict(state)
+    if not has_ln_f:
         restore_ln_f()
     log(f"loaded {finished[-1]}, the last finished stage")
 
