@@ -67,11 +67,17 @@ STAGE_MIXES["stage2_warmup"] = {("vqa_colour", "en"): 0.2, ("vqa_colour", "zh"):
 # alone about exactly 2 shapes were learned in 600 steps x 32 (0.96-0.98 held out); 2-4 shapes with shape questions
 # mixed in were not (0.57 / 0.49; experiments/oracle_lm.py, session 14).
 STAGE_MIXES["stage2_pairs"] = {("vqa_colour", "en"): 0.8, ("vqa_colour", "zh"): 0.2}
+# Then every VQA kind about the same two-shape scenes, once colour retrieval works: with the ViT trained along in
+# stage2_easy, shape and position answers about 1-2 shapes stayed at the blank-image level (0.06 / 0.5; session 16).
+STAGE_MIXES["stage2_pairs_all"] = {("vqa_colour", "en"): 0.2, ("vqa_colour", "zh"): 0.1, ("vqa_shape", "en"): 0.15,
+                                   ("vqa_shape", "zh"): 0.05, ("vqa_position", "en"): 0.15, ("vqa_position", "zh"): 0.05,
+                                   ("vqa_count", "en"): 0.1, ("vqa_relation", "en"): 0.1, ("vqa_yesno", "en"): 0.1}
 STAGE_SPECS = {  # fewer objects early so captions stay short and the first boxes are easy
     "stage1": dict(n_objects=(1, 3), n_texts=(0, 1)),
     "stage2_read": dict(n_objects=(1, 1), n_texts=(0, 0)),
     "stage2_warmup": dict(n_objects=(1, 1), n_texts=(0, 0)),
     "stage2_pairs": dict(n_objects=(2, 2), n_texts=(0, 0), max_occlusion=0.0),
+    "stage2_pairs_all": dict(n_objects=(2, 2), n_texts=(0, 0), max_occlusion=0.0),
     "stage2_easy": dict(n_objects=(1, 2), n_texts=(0, 1), max_occlusion=0.0),
     "stage2": dict(n_objects=(1, 5), n_texts=(0, 2)),
     "stage3": dict(n_objects=(1, 5), n_texts=(0, 2)),

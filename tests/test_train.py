@@ -139,7 +139,8 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
            "--export", str(tmp_path / "model")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_pairs", "stage2_easy", "stage2", "stage3")
+    stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_pairs", "stage2_pairs_all",
+              "stage2_easy", "stage2", "stage3")
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     probed = first.stdout.count(": probe (")                      # after every stage of stage 1 onwards
