@@ -11,9 +11,10 @@ Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its fol
   lm_pretrain   the LM alone on the world's text and on questions about scenes written out in words
                                                             (the paper starts from a pretrained Qwen-7B)
   stage1        ViT + adapter on captions, LM frozen, 112 px
-  stage2        everything trainable, 224 px: one object / one attribute (stage2_read, stage2_warmup), colour
-                questions about two shapes (stage2_pairs: retrieval), then every VQA kind about them
-                (stage2_pairs_all; both with the ViT frozen), easy scenes (stage2_easy), the full mix
+  stage2        the LM and the adapter (and the ViT where its Stage says), 224 px: one object / one attribute
+                (stage2_read, stage2_warmup), colour questions about two shapes (stage2_pairs: retrieval), then
+                every VQA kind about them (stage2_pairs_all), easy scenes (stage2_easy), the full mix (stage2);
+                the ViT is frozen in all but read, warm-up and easy
   stage3        chat SFT in ChatML, ViT frozen
 Loss per sample (not per token): a 24-token box must not drown a 1-token answer. The loss curve is
 written to OUT/loss.csv and OUT/loss.png; quick held-out checks to OUT/quick_eval.json.
