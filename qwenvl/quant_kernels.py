@@ -21,7 +21,8 @@ ops on every call (several float copies of the weight, written then read). Here:
 
   * with bfloat16 x, one row and int4 groups of a multiple of 64, on a CPU with AVX512-BF16: the codes become exact
     bf16 values by a table lookup and vdpbf16ps adds their exact products with x in float32 (half the instructions
-    of converting codes to float; `switch("bf16_dot", False)` turns it off).
+    of converting codes to float). On by default on AMD CPUs only (see bf16_dot_by_default); `switch("bf16_dot",
+    on)` sets it.
   * int8 on a CPU with AVX512-VNNI: each row of x is split into two int16 halves (x = s (hi + lo / 32768), to 2^-24)
     and vpdpwssd multiplies 32 codes per instruction with each; the integer sums are exact, so the result is as
     accurate as float32 arithmetic (`switch("int8_vnni", False)` turns it off).
@@ -405,7 +406,26 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         fn.argtypes, fn.restype = argtypes, None
     lib.qk_lanes.restype = ctypes.c_int
     lib.qk_switch.argtypes, lib.qk_switch.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    lib.qk_switch(SWITCHES["bf16_dot"], int(bf16_dot_by_default()))
     return lib, None
+
+
+def bf16_dot_by_default() -> bool:
+    """Whether int4 with one bf16 row takes the AVX512-BF16 table-lookup kernel rather than the integer one (AVX2).
+    Its two vpermw per 64 codes compete for one port on Intel cores: on the Intel Xeon (AMX) of 2026-12-05 one
+    8960 x 1536 GEMV read 15.6 GB/s of codes with it and 24.6 without, and the 2B decode (bench_quant) ran 8.8 tok/s
+    (28% of the roofline) against 20.8 (67%). On the AMD Zen 4 of session 8 it reached 63% (the integer kernel was
+    not measured there), so AMD keeps it."""
+    return _cpu_vendor() == "AuthenticAMD"
+
+
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (e.g. GenuineIntel, AuthenticAMD), or '' where there is none."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def isa_flags() -> tuple[int, list[str]]:

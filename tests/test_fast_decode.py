@@ -299,12 +299,19 @@ def test_int4_bf16_dot_kernel_is_the_float32_result_rounded(in_f, out_f, group):
     lin = Int4Linear.from_linear(nn.Linear(in_f, out_f), group, sym=False)
     x = torch.randn(1, in_f).bfloat16()
     ref = lin.reference_forward(x.float())                       # float32 weights and sums
+    default = quant_kernels.switch("bf16_dot")
     try:
         outs = {on: (quant_kernels.switch("bf16_dot", on), lin(x))[1] for on in (True, False)}
     finally:
-        quant_kernels.switch("bf16_dot", True)
+        quant_kernels.switch("bf16_dot", default)
     for y in outs.values():
         torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * ref.abs().max().item())
+
+
+def test_bf16_dot_kernel_is_on_by_default_only_on_amd():
+    if quant_kernels.switch("bf16_dot") is None:
+        pytest.skip("built without AVX512-BF16")
+    assert quant_kernels.switch("bf16_dot") == (quant_kernels._cpu_vendor() == "AuthenticAMD")
 
 
 @pytest.mark.parametrize("in_f, out_f, rows", [(203, 37, 1), (1000, 19, 3), (5000, 24, 1), (4128, 9, 6)])
