@@ -421,11 +421,7 @@ def bf16_dot_by_default() -> bool:
 
 def _cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id (e.g. GenuineIntel, AuthenticAMD), or '' where there is none."""
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.is_file() else []:
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return _cpuinfo("vendor_id")
 
 
 def isa_flags() -> tuple[int, list[str]]:
@@ -482,11 +478,16 @@ def native_bf16_matmul() -> bool:
 
 def _cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set(_cpuinfo("flags").split())
+
+
+def _cpuinfo(field: str) -> str:
+    """The first `field : value` of /proc/cpuinfo, stripped ('' where there is none)."""
     info = Path("/proc/cpuinfo")
     for line in info.read_text().splitlines() if info.is_file() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def _build() -> Path:

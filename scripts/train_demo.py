@@ -476,7 +476,7 @@ if wanted("stage1"):
     if run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss):
         probe("stage1")
 
-STAGE2 = ("stage2_read", "stage2_warmup", "stage2_pairs", "stage2_pairs_all", "stage2_easy", "stage2")
+STAGE2 = [name for name in STAGES if name.startswith("stage2")]        # in recipe order
 if wanted("stage2"):
     for name in STAGE2:        # everything trains but the ViT where its Stage says so
         set_trainable(model, vit=STAGES[name].train_vit, adapter=True, llm=True)
