@@ -258,7 +258,8 @@ def patch_batch(rng: random.Random, stage: Stage, resolution: int | None = None)
     resolution = resolution or rng.choice((112, 224))
     grid = resolution // VISUAL.patch_size
     scenes = [sample_scene(rng, VIT_SPEC) for _ in range(stage.batch)]
-    labels = [torch.cat([torch.stack(patch_labels(s, grid)), position_labels(grid)]) for s in scenes]  # [5, g*g]
+    where = position_labels(grid)                                               # [2, g*g], the same for every scene
+    labels = [torch.cat([torch.stack(patch_labels(s, grid)), where]) for s in scenes]  # each [5, g*g]
     return {"pixels": pixels([render_scene(s) for s in scenes], resolution), "labels": torch.stack(labels)}
 
 
