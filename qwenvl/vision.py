@@ -193,9 +193,13 @@ class VisionTransformer(nn.Module):
         (0.02) a narrow adapter starts with uniform attention: every query averages all patches, the
         features barely differ between images, and the LM learns to ignore them (measured on the demo
         model). At the real width (4096) the official xavier init already gives such logits.
+
+        The trunk's position table starts as the 2-D sin-cos code too: at N(0, 0.02) it stayed faint next to the
+        patch embeddings (std 0.027 against ~0.5) and a pretrained trunk read shape per patch at 0.67, 0.82 with it
+        (the demo model's vit_pretrain, session 17).
         """
         for name, p in self.named_parameters():
-            if name.endswith("pos_embed"):
+            if name.endswith("pos_embed") or name == "positional_embedding":
                 grid = math.isqrt(p.shape[0])
                 p.copy_(sincos_pos_table(p.shape[1], grid))
             elif p.ndim == 1:

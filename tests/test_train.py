@@ -141,13 +141,13 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     stages = ("vit_pretrain", "lm_pretrain", "stage1", "stage2_read", "stage2_warmup", "stage2_pairs", "stage2_pairs_all",
-              "stage2_ground", "stage2_easy", "stage2", "stage3")
+              "stage2_ground1", "stage2_ground", "stage2_easy", "stage2", "stage3")
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     probed = first.stdout.count(": probe (")                      # after every stage of stage 1 onwards
-    assert probed == len([s for s in stages if s.startswith("stage")]) + 2, first.stdout[-2000:]
+    assert probed == len([s for s in stages if s.startswith("stage")]) + 3, first.stdout[-2000:]
     assert "stage2_pairs@2: probe (" in first.stdout                 # inside the stages with probe_every
-    assert "stage2_ground@2: probe (" in first.stdout
+    assert "stage2_ground1@2: probe (" in first.stdout and "stage2_ground@2: probe (" in first.stdout
     probes = json.loads((tmp_path / "run" / "probes.json").read_text())
     assert set(probes["vit_pretrain"]) == {"colour", "shape", "char", "row", "col"}   # per-patch, after the stage
     assert all(0.0 <= v <= 1.0 for v in probes["vit_pretrain"].values())
