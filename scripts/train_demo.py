@@ -30,6 +30,9 @@ ViT frozen ties it trained (held-out VQA en 55 / 58) at 1.6x the speed, so the r
 (bf16, 78 min of stages, in one process): vit_pretrain with a sin-cos position table, row/column heads and 1800 steps
 reads shape per patch at 0.82 (0.67 before) and row/column at 1.0; pairs colour 1.0 after 500 steps; stage2_ground
 (boxes on 1-2 shapes, ViT frozen) teacher-forced boxes only 0.06-0.125 after 900 steps; held out VQA en 63 (55).
+Session 18 (bf16, ~94 min of stages): stage2_ground1 (boxes on one shape, questions kept) 0.25 / 0.25 / 0.625 after
+600 / 1200 / 1800 steps, then stage2_ground 0.375 on 1-2 shapes, 0.125 after the easy and the full mix; held out
+grounding en 8 (0 before).
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).
