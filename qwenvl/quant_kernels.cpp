@@ -213,6 +213,10 @@ static void split16(const float* x, int64_t M, int64_t K, Split16& s) {
 // Integer sums of one multiply-add per pair reach 2 * 128 * 32767 per lane: flushed to float32 every FLUSH inputs
 // (128 steps of 32), they stay below 2^31.
 constexpr int64_t FLUSH = 4096;
+// Codes are prefetched this many bytes ahead in their row (or the rows after it). On the Intel Xeon of session 18 (2
+// threads, codes from memory) it lifted 17920 x 1536 from 13.8 to 15.7 GB/s, 1536 x 8960 from 17.2 to 20.1 and the
+// 2B lm_head from 15.2 to 16.7; 1-16 KB ahead measured alike.
+constexpr int64_t VNNI_AHEAD = 4096;
 
 // out[b][r] = sum_k x[b, k] * w[r, k] for BB split rows of x from row m and R rows of int8 codes (row stride K): whole
 // blocks of 32 inputs by integer multiply-adds, the last K % 32 in float32. (One partial sum per output is enough
@@ -237,6 +241,7 @@ static inline void vnni_dot(const Split16& x, int64_t m, const float* xf, int64_
         xl[b] = _mm512_loadu_si512(lo + b * Kp + k);
       }
       for (int r = 0; r < R; r++) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + VNNI_AHEAD), _MM_HINT_T0);
         const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
         for (int b = 0; b < BB; b++) {
           h[b][r] = _mm512_dpwssd_epi32(h[b][r], wv, xh[b]);
