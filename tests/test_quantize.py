@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenvl.cli import main
+from qwenvl.cli import DEMO_MODEL_DIR, main
 from qwenvl.quantize import (Int4Linear, Int8Linear, _rtn_int4, pack_int4, quantize_int4, quantize_model,
                              unpack_nibbles)
+from qwenvl.tokenizer import QWenTokenizer
 from qwenvl.weights import load_model
 
 FLOAT = Path(__file__).parent / "fixtures" / "qwen_vl_tiny_gptq" / "float"   # sizes are multiples of 128
@@ -56,9 +57,6 @@ def test_quantized_logits_stay_close(bits, sym, floor):
 # targets: measured 0.99998 (int8), 0.9972 (int4 sym), 0.9970 (int4 asym).
 @pytest.mark.parametrize("bits, sym, floor", [(8, True, 0.999), (4, True, 0.99), (4, False, 0.99)])
 def test_quantized_demo_model_logits_stay_close(bits, sym, floor):
-    from qwenvl.cli import DEMO_MODEL_DIR
-    from qwenvl.tokenizer import QWenTokenizer
-
     tok = QWenTokenizer.from_pretrained(DEMO_MODEL_DIR)
     ids = torch.tensor([tok.encode("What colour is the circle? red blue 红色 the square is left of the star")])
     with torch.no_grad():
