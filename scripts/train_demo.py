@@ -227,6 +227,9 @@ class PatchHeads(nn.Module):
     The position targets keep "where" in the last layer, where the resampler's values (which carry no position of
     their own) and so the LM's boxes must find it."""
 
+    NAMES = ("colour", "shape", "char", "row", "col")      # the order of logits() and of patch_batch's label rows
+    WHAT = 3                                               # the first three say what is under the patch (0: nothing)
+
     def __init__(self, width: int):
         super().__init__()
         n_colour, n_shape, n_char = n_classes()
@@ -275,7 +278,7 @@ def patch_loss(batch: dict) -> torch.Tensor:
     labels = batch["labels"]                                                    # [B, 5, g*g]
     losses = [nn.functional.cross_entropy(logits, labels[:, k]) for k, logits in
               enumerate(vit_task.heads.logits(tokens.float()))]
-    return sum(losses[:3]) + POSITION_WEIGHT * sum(losses[3:])
+    return sum(losses[:PatchHeads.WHAT]) + POSITION_WEIGHT * sum(losses[PatchHeads.WHAT:])
 
 
 @torch.no_grad()
@@ -287,9 +290,9 @@ def patch_probe(n: int = 64 if not args.smoke else 2) -> None:
     with autocast(TRAIN_DTYPE):
         tokens = vit_task.visual.patch_tokens(batch["pixels"])
     scores = {}
-    for k, (name, logits) in enumerate(zip(("colour", "shape", "char", "row", "col"), vit_task.heads.logits(tokens.float()))):
+    for k, (name, logits) in enumerate(zip(PatchHeads.NAMES, vit_task.heads.logits(tokens.float()))):
         labels = batch["labels"][:, k]
-        present = labels > 0 if k < 3 else torch.ones_like(labels, dtype=torch.bool)
+        present = labels > 0 if k < PatchHeads.WHAT else torch.ones_like(labels, dtype=torch.bool)
         scores[name] = round((logits.argmax(1) == labels)[present].float().mean().item(), 3)
     vit_task.train()
     log(f"vit_pretrain: per-patch accuracy (held out, 224 px) {scores}")
