@@ -151,6 +151,8 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     probes = json.loads((tmp_path / "run" / "probes.json").read_text())
     assert set(probes["vit_pretrain"]) == {"colour", "shape", "char", "row", "col"}   # per-patch, after the stage
     assert all(0.0 <= v <= 1.0 for v in probes["vit_pretrain"].values())
+    captions = [probes["stage1"][f"caption_{lang}"][images] for lang in ("en", "zh") for images in ("real", "blank")]
+    assert all(0.0 <= v <= 1.0 for v in captions)                 # share of caption tokens, teacher-forced
     assert first.stdout.count(": retrieval probe (") == 1         # after lm_pretrain
     assert first.stdout.count("ln_f back") == 1                   # before stage 3 (bypassed until then)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
