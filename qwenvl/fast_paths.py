@@ -11,6 +11,8 @@ What it switches on, each held against its reference path by tests/test_fast_dec
       other linear too (vision tower and its patch embedding, adapter, the resampler's packed projections, the final
       projection): many bf16 rows on a CPU without bf16 instructions run in float32.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
+    * Qwen2-VL's image encode and prefill: the rotary of q and k and the vision MLP's QuickGELU each in one pass
+      over many rows (quant_kernels.rows_rope / rows_quick_gelu_: row_kernels.cpp) instead of 3-8 framework ops.
     * Qwen-VL: the attention of a decode step (one query per row) on the compiled kernel (quant_kernels.
       decode_attention: 13x SDPA's CPU kernel in bf16 at 300 cached tokens, 32 heads); prefills keep SDPA.
     * Qwen-VL in float32 / bfloat16 with fusable MLPs: FastDecoderV1's whole decode step (qwen_vl_fast.py), which
@@ -29,6 +31,8 @@ from torch import nn
 from . import quant_kernels
 from .fast_linear import use_fast_linears, use_fast_vision_linears
 from .fused_projections import decoder_layers, fusable
+from .qwen2_vl import quick_gelu as reference_quick_gelu
+from .text import apply_rope
 
 ENV = "QWENVL_FAST"
 _OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
@@ -49,7 +53,7 @@ def fast_enabled(fast: bool | None = None) -> bool:
 def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
     from .model import QWenLMHeadModel
-    from .qwen2_vl import PatchEmbed, Qwen2VL
+    from .qwen2_vl import PatchEmbed, Qwen2Attention, Qwen2VL, VisionAttention, VisionMLP
     from .qwen2_vl_fast import FastDecoder
     from .qwen_vl_fast import FastDecoderV1
     from .text import QWenAttention
@@ -64,6 +68,10 @@ def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
             module.attend = attend
         if isinstance(module, (ResamplerAttention, VisionTransformer, PatchEmbed)):
             module.project = quant_kernels.linear
+        if isinstance(module, (VisionAttention, Qwen2Attention)):
+            module.rotate = rotate
+        if isinstance(module, VisionMLP):
+            module.quick_gelu = quick_gelu
     if isinstance(model, Qwen2VL) and model.model.embed_tokens.weight.dtype in _DECODER_DTYPES:
         model.__dict__[_ATTACHED] = (FastDecoder(model), _fused_members(model))
     if (isinstance(model, QWenLMHeadModel) and model.transformer.wte.weight.dtype in _DECODER_DTYPES
@@ -76,6 +84,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """text.sdpa with one-query rows (decoding) on the decode-attention kernel where it applies."""
     out = quant_kernels.decode_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if out is None else out
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """text.apply_rope, on the row kernel where it applies (full-width rotary, float32 tables): the same bits."""
+    out = quant_kernels.rows_rope(x, cos, sin)
+    return apply_rope(x, cos, sin) if out is None else out
+
+
+def quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """qwen2_vl.quick_gelu of a fresh activation, in place on the row kernel where it applies."""
+    out = quant_kernels.rows_quick_gelu_(h)
+    return reference_quick_gelu(h) if out is None else out
 
 
 def fast_step(model: nn.Module):

@@ -77,10 +77,10 @@ from torch import Tensor
 FAST_MAX_ROWS = 16
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
-SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"))          # one library; quant_kernels.h declares across them
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("row_kernels.cpp"))   # one library
 HEADER = SOURCE.with_name("quant_kernels.h")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {   # argument types of the library's extern "C" functions (quant_kernels.cpp, decode_step.cpp)
+SIGNATURES = {   # argument types of the library's extern "C" functions (the SOURCES)
     "qk_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT, _INT],
     "qk_int4": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _INT, _INT],
     "qk_dense": [_P, _I64, _I64, _P, _INT, _P, _P, _I64, _INT, _INT],
@@ -91,6 +91,8 @@ SIGNATURES = {   # argument types of the library's extern "C" functions (quant_k
     "qk_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT, _P],
     "qk_silu_mul": [_P, _I64, _I64, _INT, _P],
     "qk_decode_step": [_P, _P, _P, _P, _I64, _P, ctypes.c_float, ctypes.c_float, _P, _INT],
+    "qk_rows_rope": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _P, _INT],
+    "qk_rows_quick_gelu": [_P, _I64, _I64, _INT, _INT],
 }
 
 _lock = threading.Lock()
@@ -222,6 +224,39 @@ def silu_mul(gate_up: Tensor) -> Tensor | None:
     _state["lib"].qk_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, gate_up.dtype == torch.bfloat16,
                               out.data_ptr())
     return out
+
+
+# The elementwise glue of an image encode or a prefill (row_kernels.cpp): many rows, one pass each instead of 3-8
+# framework ops that each read and write the whole activation. Each returns None where it does not apply.
+
+def rows_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor | None:
+    """text.apply_rope with a full-width rotary for x [B, H, T, D] or [H, T, D] (any strides, rows of D contiguous)
+    and float32 cos / sin [T, D] or [B or 1, 1, T, D]: a new contiguous tensor of x's shape, the same bits."""
+    squeeze = x.dim() == 3
+    x4 = x[None] if squeeze else x
+    c, s = (t[None] if t.dim() == 2 else t[:, 0] if t.dim() == 4 and t.shape[1] == 1 else None for t in (cos, sin))
+    if x4.dim() != 4 or c is None or s is None or not _glue_ok(x):
+        return None
+    b, h, n, d = x4.shape
+    if (x4.stride(-1) != 1 or d % 2 or c.shape != s.shape or c.stride() != s.stride() or c.shape[0] not in (1, b)
+            or c.shape[1:] != (n, d) or c.dtype != torch.float32 or s.dtype != torch.float32 or c.stride(-1) != 1):
+        return None
+    xs = torch.tensor(x4.stride()[:3], dtype=torch.int64)
+    cs = torch.tensor([c.stride(0) if c.shape[0] > 1 else 0, c.stride(1)], dtype=torch.int64)
+    out = torch.empty(b, h, n, d, dtype=x.dtype)
+    _state["lib"].qk_rows_rope(x4.data_ptr(), xs.data_ptr(), b, h, n, d, c.data_ptr(), s.data_ptr(), cs.data_ptr(),
+                               x.dtype == torch.bfloat16, out.data_ptr(), _threads())
+    return out[0] if squeeze else out
+
+
+def rows_quick_gelu_(h: Tensor) -> Tensor | None:
+    """h * sigmoid(1.702 * h) IN PLACE on a contiguous h [..., F] (returned), or None."""
+    if not (_glue_ok(h) and h.is_contiguous() and h.numel()):
+        return None
+    _state["lib"].qk_rows_quick_gelu(h.data_ptr(), h.numel() // h.shape[-1], h.shape[-1], h.dtype == torch.bfloat16,
+                                     _threads())
+    return h
+
 
 
 # ------------------------------------------------------------------------------------------------ whole step

@@ -77,17 +77,25 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
+    rotate = staticmethod(apply_rope)    # (x, cos, sin); fast_paths may swap it (one pass instead of eight ops)
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], seg_lens: list[int]) -> Tensor:
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)    # [3, H, N, D]
         q, k, v = qkv[0], qkv[1], qkv[2]
         cos, sin = rope                                                                 # [N, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         # Frames never attend to each other: one SDPA per segment (a block-diagonal mask, without N² memory).
         # 4-D inputs: with 3-D ones CPU SDPA takes its math path (N² scores, ~5x slower in bf16).
         outs = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None])[0] for qs, ks, vs in
                 zip(q.split(seg_lens, 1), k.split(seg_lens, 1), v.split(seg_lens, 1))]  # each [H, n_i, D]
-        return self.proj(torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1))         # [N, E]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                      # [H, N, D]
+        return self.proj(out.transpose(0, 1).reshape(n, -1))                            # [N, E]
+
+
+def quick_gelu(h: Tensor) -> Tensor:
+    """h * sigmoid(1.702 h), each op rounded to h's dtype (the reference's QuickGELU)."""
+    return h * torch.sigmoid(1.702 * h)
 
 
 class VisionMLP(nn.Module):
@@ -99,10 +107,12 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
         self.act = cfg.hidden_act
 
+    quick_gelu = staticmethod(quick_gelu)     # (h) -> h's QuickGELU; fast_paths may swap it (in place, one pass)
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
         if self.act == "quick_gelu":
-            h = h * torch.sigmoid(1.702 * h)
+            h = self.quick_gelu(h)
         else:
             h = F.gelu(h) if self.act == "gelu" else F.silu(h)
         return self.fc2(h)
@@ -175,13 +185,15 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    rotate = staticmethod(apply_rope)    # (x, cos, sin); fast_paths may swap it (one pass instead of eight ops)
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv_cache: KVCache | None,
                 layer: int) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)       # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.write(layer, k, v)                                         # [B, Hkv, S, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, D]

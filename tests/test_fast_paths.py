@@ -2,7 +2,7 @@
 
 On tiny bf16 checkpoints, with the fast paths and without (QWENVL_FAST=0 or fast=False): the chat API's greedy answer
 (Qwen-VL), `qwenvl chat`'s greedy answer and the server engine's greedy tokens, one request and a left-padded batch
-(Qwen2-VL), are identical, and the fast path did run (the kernel / FastDecoder.step were called). Loading and saving
+(Qwen2-VL), are identical, as are Qwen2-VL's image features and prefill logits, and the fast path did run (the kernel / FastDecoder.step were called). Loading and saving
 again writes the checkpoint's very tensors. LoRA still wraps and merges a fast model; a swapped projection turns the
 fused decode step off rather than bypassing the new module.
 """
@@ -29,6 +29,7 @@ from qwenvl.fast_linear import FastLinear
 from qwenvl.fast_paths import ENV, fast_enabled, fast_step
 from qwenvl.lora import LoraSpec, apply_lora, merge_lora
 from qwenvl.model import QWenLMHeadModel
+from qwenvl.processor import preprocess_images
 from qwenvl.qwen2_vl import Qwen2VL
 from qwenvl.qwen2_vl_config import Qwen2VLConfig
 from qwenvl.qwen2_vl_fast import FastDecoder
@@ -198,6 +199,25 @@ def test_v2_engine_greedy_tokens_are_the_same_with_the_fast_paths(v2_dir, step_c
     assert fast_step(model) is None and n_fast_linears(model) == 0
     assert engine_tokens(model, family) == fast
     assert step_calls[0] == 0
+
+
+def test_v2_image_encode_and_prefill_are_the_same_with_the_fast_paths(v2_dir, monkeypatch):
+    rope_calls = count_kernel_results(monkeypatch, "rows_rope")
+    gelu_calls = count_kernel_results(monkeypatch, "rows_quick_gelu_")
+    patches, grid = preprocess_images([random_image(100, 150, 0)])
+    ids = torch.tensor([prompt(5, ("image", int(grid.prod()) // 4), 7)])
+    outputs = []
+    for fast in (True, False):
+        model = load_family(v2_dir, fast=fast)[0]
+        with torch.no_grad():
+            outputs.append((model.encode_vision(patches, grid), model(ids, pixel_patches=patches, image_grid_thw=grid)))
+        if fast:
+            assert (rope_calls[0] > 0 and gelu_calls[0] > 0) or quant_kernels.library() is None
+            rope_calls[0] = gelu_calls[0] = 0
+    assert rope_calls[0] == gelu_calls[0] == 0                       # off: the reference ops ran
+    (features, logits), (ref_features, ref_logits) = outputs
+    assert features.dtype == torch.bfloat16
+    assert torch.equal(features, ref_features) and torch.equal(logits, ref_logits)
 
 
 def test_v2_load_then_save_writes_the_checkpoint_tensors(v2_dir, tmp_path):
