@@ -20,7 +20,7 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
                   is 19 GB, too close to this machine's 24 GB); bf16 and int4 with qwenvl.fast_paths on (FastLinear, the
                   decode-attention kernel); built in place, random.
 
-Definitions (encode and prefill: the best of 2 calls): encode = the vision tower on preprocessed pixels; prefill = one forward over the prompt with pixels,
+Definitions (encode and prefill: the best of 3 calls): encode = the vision tower on preprocessed pixels; prefill = one forward over the prompt with pixels,
 minus encode; time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
 decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roofline = read bandwidth (1 GiB tensor
 sum, measure.py, same thread count, measured right after each case's decode: a shared host's bandwidth wanders) /
@@ -147,7 +147,7 @@ def finish(row: dict, model, baseline: float, kv_bytes: int, tok_s: float) -> di
     return row
 
 
-def best_of(fn, n: int = 2) -> float:
+def best_of(fn, n: int = 3) -> float:
     """The best of n timed calls (the first also warms up oneDNN's primitives for these shapes)."""
     return min(timed(fn) for _ in range(n))
 
