@@ -14,9 +14,9 @@
 // on 5 M random values against torch: bf16 results all equal (a float32 difference of an ulp rarely crosses a bf16
 // rounding boundary), float32 results 99.4% equal, the rest within 5e-7 relative (tests/test_row_kernels.py).
 // Image encode of Qwen2-VL-2B at 448 px in bf16 on the 2-core Xeon of 2026-12-05: 1.43 -> 1.29 s (best of 3).
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "quant_kernels.h"
 
@@ -33,17 +33,6 @@ static inline void store_f(uint16_t* p, int64_t i, float v) { p[i] = qk_to_bf16(
 static inline float rounded(const float*, float v) { return v; }
 static inline float rounded(const uint16_t*, float v) { return qk_from_bf16(qk_to_bf16(v)); }
 
-static inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
 // exp(x) for x in float32, branch-free so loops of it vectorise: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite split of
 // ln2), exp(r) by Cephes' degree-6 polynomial, times 2^n built in the exponent bits. Below -87.3 it returns 0 (exact
 // exp is a denormal < 1.2e-38 there), above 88.72 infinity, as float32 overflows.
@@ -53,7 +42,7 @@ RK_NO_CONTRACT static inline float exp_approx(float x) {
   const float shifter = 12582912.0f;                                  // 1.5 * 2^23: adding it rounds to an integer
   const float t = xc * 1.44269504088896341f + shifter;
   const float n = t - shifter;
-  const int32_t ni = (int32_t)(float_to_bits(t) - float_to_bits(shifter));
+  const int32_t ni = (int32_t)(std::bit_cast<uint32_t>(t) - std::bit_cast<uint32_t>(shifter));
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -64,8 +53,8 @@ RK_NO_CONTRACT static inline float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   const float e = p * (r * r) + r + 1.0f;
   // 2^n in two halves so that n = 128 (x near the top) does not overflow the exponent field on its own
-  const float half = bits_to_float((uint32_t)((ni / 2 + 127) << 23));
-  const float rest = bits_to_float((uint32_t)((ni - ni / 2 + 127) << 23));
+  const float half = std::bit_cast<float>((uint32_t)((ni / 2 + 127) << 23));
+  const float rest = std::bit_cast<float>((uint32_t)((ni - ni / 2 + 127) << 23));
   const float y = e * half * rest;
   return x > hi ? INFINITY : (x < lo ? 0.0f : y);
 }
