@@ -145,9 +145,10 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     assert all((tmp_path / "run" / s / "DONE").is_file() for s in stages)
     assert (tmp_path / "run" / "loss.png").is_file()
     probed = first.stdout.count(": probe (")                      # after every stage of stage 1 onwards
-    assert probed == len([s for s in stages if s.startswith("stage")]) + 3, first.stdout[-2000:]
+    assert probed == len([s for s in stages if s.startswith("stage")]) + 4, first.stdout[-2000:]
     assert "stage2_pairs@2: probe (" in first.stdout                 # inside the stages with probe_every
     assert "stage2_ground1@2: probe (" in first.stdout and "stage2_ground@2: probe (" in first.stdout
+    assert "stage2@2: probe (" in first.stdout
     probes = json.loads((tmp_path / "run" / "probes.json").read_text())
     assert set(probes["vit_pretrain"]) == {"colour", "shape", "char", "row", "col"}   # per-patch, after the stage
     assert all(0.0 <= v <= 1.0 for v in probes["vit_pretrain"].values())
