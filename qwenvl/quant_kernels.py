@@ -258,7 +258,6 @@ def rows_quick_gelu_(h: Tensor) -> Tensor | None:
     return h
 
 
-
 # ------------------------------------------------------------------------------------------------ whole step
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ Session 18 (bf16, ~94 min of stages): stage2_ground1 (boxes on one shape, questi
 grounding en 8 (0 before).
 Session 19 (bf16, ~118 min of stages; stage 2 ~40 min at its median rate): the full mix 2400 steps, not 900 (its
 loss was still falling: 0.83 at 900, 0.73-0.79 at 2400): held out caption CIDEr en 131.9 -> 177.3, zh 70.9 -> 78.8,
-text 35 / 29 -> 39 / 31, grounding zh 2 -> 6, the rest within 2 points. The easy scenes with the ViT frozen instead (runs/demo19a) were worse
-(grounding 5 / 0, CIDEr 120.9 / 64.6).
+text 35 / 29 -> 39 / 31, grounding zh 2 -> 6, the rest within 2 points. The easy scenes with the ViT frozen instead
+(runs/demo19a) were worse (grounding 5 / 0, CIDEr 120.9 / 64.6).
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).

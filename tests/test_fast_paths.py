@@ -2,9 +2,10 @@
 
 On tiny bf16 checkpoints, with the fast paths and without (QWENVL_FAST=0 or fast=False): the chat API's greedy answer
 (Qwen-VL), `qwenvl chat`'s greedy answer and the server engine's greedy tokens, one request and a left-padded batch
-(Qwen2-VL), are identical, as are Qwen2-VL's image features and prefill logits, and the fast path did run (the kernel / FastDecoder.step were called). Loading and saving
-again writes the checkpoint's very tensors. LoRA still wraps and merges a fast model; a swapped projection turns the
-fused decode step off rather than bypassing the new module.
+(Qwen2-VL), are identical, as are Qwen2-VL's image features and prefill logits, and the fast path did run (the
+kernel / FastDecoder.step / the row kernels were called). Loading and saving again writes the checkpoint's very
+tensors. LoRA still wraps and merges a fast model; a swapped projection turns the fused decode step off rather than
+bypassing the new module.
 """
 from __future__ import annotations
 
