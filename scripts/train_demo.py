@@ -92,7 +92,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny model (CI)")
 parser.add_argument("--export", type=Path, help="write the finished checkpoint here (official layout)")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-parser.add_argument("--only", nargs="*", help="run only these stages (they must be next in line)")
+parser.add_argument("--only", nargs="*", help="train only these stages (vit_pretrain, lm_pretrain, stage1, stage2, "
+                    "stage3; eval): the stages before them must be finished, and are loaded")
 parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
                     help="compute dtype; auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
 args = parser.parse_args()
@@ -167,6 +168,8 @@ def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn, check=None) 
         module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         log(f"{stage.name}: done earlier, loaded")
         return False
+    if not wanted(group_of(stage.name)):
+        sys.exit(f"{OUT}: {stage.name} is not finished, and --only {' '.join(args.only)} needs it: run it first")
     folder.mkdir(parents=True, exist_ok=True)
     opt = adamw(module.parameters(), stage.lr)
     rng, np_rng = random.Random(f"{args.seed}-{stage.name}"), np.random.default_rng(zlib.crc32(stage.name.encode()))
@@ -218,8 +221,21 @@ def record_probe(name: str, result: dict) -> None:
     path.write_text(json.dumps(probes, indent=1))
 
 
+GROUPS = ("vit_pretrain", "lm_pretrain", "stage1", "stage2", "stage3")      # what --only names, in recipe order
+
+
 def wanted(name: str) -> bool:
     return not args.only or name in args.only
+
+
+def needed(group: str) -> bool:
+    """Whether a group's stages run: wanted, or before a wanted one (then only loaded: they must be finished, else
+    `--only stage3` would train stage 3 on a model without its earlier stages)."""
+    return wanted(group) or any(wanted(later) for later in GROUPS[GROUPS.index(group) + 1:])
+
+
+def group_of(stage: str) -> str:
+    return "stage2" if stage.startswith("stage2") else stage
 
 
 # --------------------------------------------------------------------------- vit_pretrain
@@ -303,7 +319,7 @@ def patch_probe(n: int = 64 if not args.smoke else 2) -> None:
     record_probe("vit_pretrain", scores)
 
 
-if wanted("vit_pretrain"):
+if needed("vit_pretrain"):
     visual_tower.requires_grad_(True)
     visual_tower.attn_pool.requires_grad_(False)
     if run_stage(STAGES["vit_pretrain"], vit_task, patch_batch, patch_loss):
@@ -452,7 +468,7 @@ def retrieval_probe(name: str, n: int = 48 if not args.smoke else 2) -> None:
     record_probe(name, scores)
 
 
-if wanted("lm_pretrain"):
+if needed("lm_pretrain"):
     set_trainable(model, vit=False, adapter=False, llm=True)
     if run_stage(STAGES["lm_pretrain"], model, text_batch, vl_loss):
         retrieval_probe("lm_pretrain")
@@ -544,21 +560,21 @@ def probe(name: str, n: int = 16 if not args.smoke else 2, label: str | None = N
     return result
 
 
-if wanted("stage1"):
+if needed("stage1"):
     assemble_visual()
     set_trainable(model, vit=True, adapter=True, llm=False)
     if run_stage(STAGES["stage1"], model, stage_batch(chatml=False), vl_loss):
         probe("stage1")
 
 STAGE2 = [name for name in STAGES if name.startswith("stage2")]        # in recipe order
-if wanted("stage2"):
+if needed("stage2"):
     for name in STAGE2:        # everything trains but the ViT where its Stage says so
         set_trainable(model, vit=STAGES[name].train_vit, adapter=True, llm=True)
         if run_stage(STAGES[name], model, stage_batch(chatml=False), vl_loss,
                      check=lambda step, name=name: probe(name, label=f"{name}@{step}")):
             probe(name)
 
-if wanted("stage3"):
+if needed("stage3"):
     restore_ln_f()
     set_trainable(model, vit=False, adapter=True, llm=True)
     if run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss):
@@ -567,7 +583,7 @@ if wanted("stage3"):
 
 # --------------------------------------------------------------------------- weights for eval / export
 MODEL_STAGES = [name for name in STAGES if name != "vit_pretrain"]     # the language model's, in order
-if args.only and not any(wanted(name) for name in ("lm_pretrain", "stage1", "stage2", "stage3")):
+if args.only and not any(wanted(name) for name in GROUPS[1:]):
     # e.g. `--only eval`: no stage ran, so evaluate and export the last finished one (a stopped run's best so far).
     finished = [name for name in MODEL_STAGES if (OUT / name / "DONE").is_file()]
     if not finished:

@@ -169,3 +169,15 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     assert third.returncode == 0 and "loaded stage3" in third.stdout, third.stderr[-2000:]
     again_model = load_model(tmp_path / "model2")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again_model.state_dict().values()))
+    # `--only stage3` trains stage 3 on the finished stages before it (loaded), and refuses when one is missing.
+    run = tmp_path / "run"
+    for name in ("stage3", "stage2"):
+        (run / name / "DONE").rename(run / name / "DONE.kept")
+    cmd_only = cmd[:5] + ["--only", "stage3"]
+    missing = subprocess.run(cmd_only, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "stage2 is not finished" in missing.stderr, missing.stderr[-2000:]
+    (run / "stage2" / "DONE.kept").rename(run / "stage2" / "DONE")
+    fourth = subprocess.run(cmd_only, capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    assert all(f"{s}: done earlier, loaded" in fourth.stdout for s in stages[:-1])
+    assert "stage3: finished" in fourth.stdout
