@@ -33,9 +33,10 @@ reads shape per patch at 0.82 (0.67 before) and row/column at 1.0; pairs colour 
 Session 18 (bf16, ~94 min of stages): stage2_ground1 (boxes on one shape, questions kept) 0.25 / 0.25 / 0.625 after
 600 / 1200 / 1800 steps, then stage2_ground 0.375 on 1-2 shapes, 0.125 after the easy and the full mix; held out
 grounding en 8 (0 before).
-Session 19 (bf16, ~118 min of stages; stage 2 ~40 min at its median rate): the full mix 2400 steps, not 900 (its
-loss was still falling: 0.83 at 900, 0.73-0.79 at 2400): held out caption CIDEr en 131.9 -> 177.3, zh 70.9 -> 78.8,
-text 35 / 29 -> 39 / 31, grounding zh 2 -> 6, the rest within 2 points. The easy scenes with the ViT frozen instead
+Session 19 (bf16, ~126 min of stages; the full mix ~40 min and stage 3 13.5 at their median rates): the full mix
+2400 steps, not 900 (its loss was still falling: 0.83 at 900, 0.73-0.79 at 2400), and stage 3 1200, not 400: held
+out caption CIDEr en 131.9 -> 177.3 -> 190.0, zh 70.9 -> 78.8 -> 94.7, text 35 / 29 -> 39 / 31 -> 50 / 43,
+grounding zh 2 -> 6, multi-image 40 / 38 -> 43 / 44, VQA within 2 points. The easy scenes with the ViT frozen instead
 (runs/demo19a) were worse (grounding 5 / 0, CIDEr 120.9 / 64.6).
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
@@ -128,7 +129,7 @@ FULL = {
     "stage2_ground": Stage("stage2_ground", 900, 24, 5e-4, 30, probe_every=300, train_vit=False),
     "stage2_easy": Stage("stage2_easy", 500, 24, 3e-4, 50),
     "stage2": Stage("stage2", 2400, 24, 2e-4, 50, probe_every=800, train_vit=False),
-    "stage3": Stage("stage3", 400, 16, 1e-4, 30),
+    "stage3": Stage("stage3", 1200, 16, 1e-4, 30),
 }
 SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1, probe_every=min(s.probe_every, 2))
          for name, s in FULL.items()}
