@@ -508,24 +508,21 @@ PROBE_TASKS = [("vqa_colour", "en"), ("vqa_shape", "en"), ("vqa_count", "en"), (
                ("caption", "en"), ("caption", "zh"), ("multi_image", "en")]
 
 
-def _answer_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _answer_exact(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] 1.0 where the argmax at every supervised position is the label (teacher forcing)."""
-    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     return ((pred == target) | (target == IGNORE_INDEX)).all(-1).float()
 
 
-def _token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _token_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] share of the supervised positions whose argmax is the label (teacher forcing): captions are long and
     free, so a whole-answer match stays 0 long after the model has learnt to describe the scene."""
-    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     supervised = target != IGNORE_INDEX
     return ((pred == target) & supervised).sum(-1) / supervised.sum(-1).clamp(min=1)
 
 
-def _box_right(logits: torch.Tensor, labels: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+def _box_right(pred: torch.Tensor, target: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
     """[B] 1.0 where the argmax box (teacher forcing) has IoU >= 0.5 with the truth: an exact 24-token box is
     too strict a probe of grounding, which is scored by IoU."""
-    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     texts = [tok.decode([t for t, y in zip(row.tolist(), ys.tolist()) if y != IGNORE_INDEX and t < tok.eod_id])
              for row, ys in zip(pred, target)]
     return torch.tensor([float(answer_is_right(s.task, s.fields, text)) for s, text in zip(samples, texts)])
@@ -549,9 +546,9 @@ def probe(name: str, n: int = 16 if not args.smoke else 2, label: str | None = N
         for images in (batch["images"], torch.zeros_like(batch["images"])):
             with autocast(TRAIN_DTYPE):
                 logits = model(batch["input_ids"], images=images, attention_mask=batch["attention_mask"])
-            right = (_box_right(logits, batch["labels"], samples) if task == "grounding"
-                     else _token_accuracy(logits, batch["labels"]) if task == "caption"
-                     else _answer_exact(logits, batch["labels"]))
+            pred, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]      # each position predicts the next
+            right = (_box_right(pred, target, samples) if task == "grounding"
+                     else _token_accuracy(pred, target) if task == "caption" else _answer_exact(pred, target))
             scores.append(round(right.mean().item(), 3))
         result[f"{task}_{lang}"] = {"real": scores[0], "blank": scores[1]}
     model.train()
