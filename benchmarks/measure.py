@@ -4,7 +4,6 @@ Imported by bench_quant.py and bench_inference.py (run as scripts, so this folde
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import platform
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwenvl.heap import release_free_pages
 from qwenvl.quantize import GPTQLinear
 
 
@@ -73,10 +73,7 @@ def release_freed_memory() -> None:
     is the memory in use. Without it a freed model's pages stay resident in malloc's arenas, the next case reuses
     them, and its peak above the RSS before it reads ~0 (seen: int8 / int4 rows at 0.0 GB)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):            # not glibc: the RSS may overstate the memory in use
-        pass
+    release_free_pages()                        # not glibc: a no-op, and the RSS may overstate the memory in use
 
 
 def reset_peak_rss() -> bool:

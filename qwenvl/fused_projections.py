@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .fast_linear import FastLinear
+from .heap import release_free_pages
 from .quantize import Int4Linear, Int8Linear
 
 GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "gate_up": ("mlp", ("gate_proj", "up_proj"))}
@@ -64,6 +65,7 @@ def _refresh(model: nn.Module) -> None:
             mods = [getattr(getattr(layer, parent_name), m) for m in members]
             if name not in fused or not _is_view_of(mods, fused[name]):
                 fused[name] = fuse_linears(mods)
+                release_free_pages()            # the unfused tensors' holes: 0.3 GiB over a 2B model in float32
 
 
 def fuse_linears(mods: list[nn.Module]) -> nn.Module:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import GenerationConfig, QWenConfig
+from .heap import TrimEvery
 from .model import QWenLMHeadModel
 from .quantize import quantized_swap
 
@@ -71,6 +72,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
     yield from state.items()
 
 
+TRIM_BYTES = 256 << 20          # _read_safetensors trims the heap once per this many bytes read
 SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                "BOOL": torch.bool}
@@ -80,14 +82,18 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
     """Each tensor of a safetensors file read into its own memory by plain reads (8-byte header length, JSON
     header, raw little-endian data). Not through safe_open's memory map: every page of a mapped file that was read
     stays resident as long as any tensor of the file lives, so converting a bf16 file to float32 held both
-    (1.5x the model), and fusing projections (fused_projections.py) kept the unfused pages too."""
+    (1.5x the model), and fusing projections (fused_projections.py) kept the unfused pages too. The heap is trimmed
+    every 256 MB read: the caller's conversions free each tensor as read, and the holes would stay resident."""
+    trim = TrimEvery(TRIM_BYTES)
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
             for key, info in header.items():
                 if key != "__metadata__":
-                    yield key, _read_one(f, 8 + n, info)
+                    tensor = _read_one(f, 8 + n, info)
+                    yield key, tensor
+                    trim.add(tensor.nbytes)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
 
