@@ -103,10 +103,10 @@ def decode_bytes(model: nn.Module) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (shared tensors once)."""
+    """Bytes of all parameters and buffers (shared tensors once), and of the weights PackedLinear holds packed."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.nbytes
-    return total
+    return total + sum(getattr(m, "packed_nbytes", 0) for m in model.modules())

@@ -26,7 +26,7 @@ from qwenvl.cli import main
 from qwenvl.config import GenerationConfig
 from qwenvl.engine import Engine, Request
 from qwenvl.families import load_family
-from qwenvl.fast_linear import FastLinear
+from qwenvl.fast_linear import FastLinear, PackedLinear, packable
 from qwenvl.fast_paths import ENV, fast_enabled, fast_step
 from qwenvl.lora import LoraSpec, apply_lora, merge_lora
 from qwenvl.model import QWenLMHeadModel
@@ -215,6 +215,9 @@ def test_v2_image_encode_and_prefill_are_the_same_with_the_fast_paths(v2_dir, mo
         if fast:
             assert (rope_calls[0] > 0 and gelu_calls[0] > 0) or quant_kernels.library() is None
             rope_calls[0] = gelu_calls[0] = 0
+            n_packed = sum(isinstance(m, PackedLinear) for m in model.visual.modules())
+            expected = 4 * len(model.visual.blocks) + 2 if packable(model.visual.blocks[0].mlp.fc1) else 0
+            assert n_packed == expected                              # qkv, proj, fc1, fc2 per block; the merger
     assert rope_calls[0] == gelu_calls[0] == 0                       # off: the reference ops ran
     (features, logits), (ref_features, ref_logits) = outputs
     assert features.dtype == torch.bfloat16
