@@ -344,7 +344,7 @@ def unavailable_reason() -> str | None:
 
 
 # The optional kernels, by their number in qk_switch (quant_kernels.cpp).
-SWITCHES = {"bf16_dot": 0, "int8_vnni": 1, "int4_i8": 2, "int8_i16": 3}
+SWITCHES = {"bf16_dot": 0, "int8_vnni": 1, "int4_i8": 2, "int8_i16": 3, "int4_vnni": 4}
 
 
 def switch(name: str, on: bool | None = None) -> bool | None:

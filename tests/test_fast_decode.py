@@ -358,10 +358,23 @@ def _assert_bf16_int_kernel_close(y: torch.Tensor, ref32: torch.Tensor, ref_bf16
     assert (y.float() - ref32).abs().max() <= (ref_bf16.float() - ref32).abs().max()
 
 
+@pytest.fixture(params=["avx512_vnni", "avx2"])
+def int4_integer_variant(request):
+    """The integer int4 kernel's multiply-adds on AVX512-VNNI (where built) or on 256-bit AVX2, for one test."""
+    vnni = request.param == "avx512_vnni"
+    if quant_kernels.switch("int4_vnni") is None and vnni:
+        pytest.skip("built without AVX512-VNNI")
+    if quant_kernels.switch("int4_vnni") is not None:
+        quant_kernels.switch("int4_vnni", vnni)
+    yield request.param
+    if quant_kernels.switch("int4_vnni") is not None:
+        quant_kernels.switch("int4_vnni", True)
+
+
 @pytest.mark.parametrize("in_f, out_f, group, rows", [(256, 37, 64, 1), (1536, 200, 128, 3), (4352, 38, 128, 6),
                                                      (2048, 16, 256, 2), (640, 11, 64, 5)])
 @pytest.mark.parametrize("sym", [True, False])
-def test_int4_integer_kernel_is_float32_accurate(in_f, out_f, group, rows, sym):
+def test_int4_integer_kernel_is_float32_accurate(in_f, out_f, group, rows, sym, int4_integer_variant):
     """float32 x as 3-byte integers per group (2^-23 of the group's largest |x|) and exact integer sums: within
     float32 rounding of the float path, for rows of very different magnitudes and with an outlier feature."""
     from qwenvl.quantize import Int4Linear
@@ -383,7 +396,8 @@ def test_int4_integer_kernel_is_float32_accurate(in_f, out_f, group, rows, sym):
 
 
 @pytest.mark.parametrize("in_f, out_f, group, rows", [(1536, 200, 128, 1), (8960, 24, 128, 1), (384, 9, 64, 4)])
-def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out_f, group, rows):
+def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out_f, group, rows,
+                                                                      int4_integer_variant):
     """bfloat16 x as 2-byte integers per group (2^-15 of the group's largest |x|): as the int8 kernel below."""
     from qwenvl.quantize import Int4Linear
 
@@ -396,7 +410,7 @@ def test_int4_integer_kernel_in_bfloat16_is_the_float32_result_rounded(in_f, out
     _assert_bf16_int_kernel_close(lin(x), lin.reference_forward(x.float()), lin.reference_forward(x))
 
 
-def test_int4_integer_kernel_keeps_non_finite_inputs_non_finite():
+def test_int4_integer_kernel_keeps_non_finite_inputs_non_finite(int4_integer_variant):
     from qwenvl.quantize import Int4Linear
 
     if quant_kernels.switch("int4_i8") is None:
