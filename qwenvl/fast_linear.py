@@ -120,11 +120,14 @@ def use_fast_vision_linears(model: nn.Module) -> int:
     found = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear]
     for parent, name in found:                       # one at a time: each plain weight is freed as it is packed
-        _swap_vision_linear(parent, name)
-    release_free_pages()                             # the plain weights' pages (packed copies replaced them)
+        if _swap_vision_linear(parent, name):
+            release_free_pages()                     # its pages: the packed copies do not reuse them
     return len(found)
 
 
-def _swap_vision_linear(parent: nn.Module, name: str) -> None:
+def _swap_vision_linear(parent: nn.Module, name: str) -> bool:
+    """Swap one; whether it was packed (its plain weight freed)."""
     child = getattr(parent, name)
-    setattr(parent, name, PackedLinear(child) if packable(child) else FastLinear(child))
+    packed = packable(child)
+    setattr(parent, name, PackedLinear(child) if packed else FastLinear(child))
+    return packed
