@@ -7,9 +7,11 @@
 
 What it switches on, each held against its reference path by tests/test_fast_decode.py and tests/test_fast_paths.py:
     * FastLinear for the LLM block linears and lm_head (Qwen-VL and Qwen2-VL): bf16 and float32 decode GEMVs run on
-      the compiled kernel; prefill rows and anything needing gradients still go to F.linear. FastLinear for every
-      other linear too (vision tower and its patch embedding, adapter, the resampler's packed projections, the final
-      projection): many bf16 rows on a CPU without bf16 instructions run in float32.
+      the compiled kernel; prefill rows and anything needing gradients still go to F.linear. Every other linear
+      (vision tower, adapter / merger) becomes a PackedLinear where torch's bf16 matmul has bf16 instructions (its
+      bf16 weight held in oneDNN's blocked layout: no reorder per call, the same bits), else a FastLinear (many bf16
+      rows on a CPU without bf16 instructions run in float32); the patch embedding and the resampler's packed
+      projections run quant_kernels.linear through their `project` hooks.
     * Qwen2-VL in float32 / bfloat16: FastDecoder's decode step (q/k/v and gate/up fused as views of the same weights).
     * Qwen2-VL's image encode and prefill: the rotary of q and k and the vision MLP's QuickGELU each in one pass
       over many rows (quant_kernels.rows_rope / rows_quick_gelu_: row_kernels.cpp) instead of 3-8 framework ops.
