@@ -1,8 +1,9 @@
 """Give the C heap's free pages back to the OS, so that loading a model costs the model's bytes and no more.
 
-Loading converts each tensor as it is read (a bf16 file into float32: the bf16 copy is freed at once) and fusing
-projections replaces q/k/v by one tensor; each freed tensor of up to 32 MB stays in glibc's heap as a hole, resident,
-until something of its size is allocated there again. Over a 2B model in float32 those holes were 0.5-1 GB of peak
+Loading converts each tensor as it is read (a bf16 file into float32: the bf16 copy is freed at once), fusing
+projections replaces q/k/v by one tensor, and packing the vision weights (fast_linear.PackedLinear) frees the plain
+ones; each freed tensor of up to 32 MB stays in glibc's heap as a hole, resident, until something of its size is
+allocated there again. Over a 2B model in float32 those holes were 0.5-1 GB of peak
 memory (measured: peak 8.86-9.27 GiB for 8.23 GiB of weights, 8.36 with a trim every 256 MB read).
 
     release_free_pages()                   # glibc's malloc_trim(0); False where there is no glibc (a no-op there)
