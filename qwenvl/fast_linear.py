@@ -71,8 +71,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rows_hint = rows_hint                   # oneDNN picks the blocking for about this many rows
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)   # opaque
-        self.packed_nbytes = linear.weight.nbytes
         self.bias = linear.bias
+
+    @property
+    def packed_nbytes(self) -> int:
+        """The bf16 weight's bytes (the packed tensor is opaque: parameters() and nbytes do not see it)."""
+        return self.in_features * self.out_features * 2
 
     @property
     def weight(self) -> Tensor:

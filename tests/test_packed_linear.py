@@ -17,7 +17,8 @@ def linear(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear
     return nn.Linear(n_in, n_out, bias=bias).to(BF16)
 
 
-needs_packing = pytest.mark.skipif(not packable(linear(8, 8)), reason="no bf16 matmul instructions / oneDNN here")
+PACKS_HERE = packable(nn.Linear(8, 8).to(BF16))              # (no seeding at import)
+needs_packing = pytest.mark.skipif(not PACKS_HERE, reason="no bf16 matmul instructions / oneDNN here")
 
 
 @needs_packing
@@ -81,7 +82,7 @@ def test_use_fast_vision_linears_packs_only_where_it_applies():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert use_fast_vision_linears(model) == 3
     kinds = [type(model[i]) for i in (0, 2, 3)]
-    expected = PackedLinear if packable(linear(8, 8)) else FastLinear
+    expected = PackedLinear if PACKS_HERE else FastLinear
     assert kinds == [expected, expected, FastLinear]
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
