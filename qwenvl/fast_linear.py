@@ -104,8 +104,10 @@ class PackedLinear(nn.Module):
                               f"{(self.out_features, self.in_features)} here")
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), self.rows_hint)
-        rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "weight" in unexpected_keys:     # nn.Module's check knows only `bias`; the weight was taken above
+            unexpected_keys.remove(prefix + "weight")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -33,8 +33,13 @@ from torch import nn
 from . import quant_kernels
 from .fast_linear import use_fast_linears, use_fast_vision_linears
 from .fused_projections import decoder_layers, fusable
+from .model import QWenLMHeadModel
+from .qwen2_vl import PatchEmbed, Qwen2Attention, Qwen2VL, VisionAttention, VisionMLP
 from .qwen2_vl import quick_gelu as reference_quick_gelu
-from .text import apply_rope
+from .qwen2_vl_fast import FastDecoder
+from .qwen_vl_fast import FastDecoderV1
+from .text import QWenAttention, apply_rope
+from .vision import ResamplerAttention, VisionTransformer
 
 ENV = "QWENVL_FAST"
 _OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
@@ -54,13 +59,6 @@ def fast_enabled(fast: bool | None = None) -> bool:
 
 def use_fast_paths(model: nn.Module, fast: bool | None = None) -> nn.Module:
     """Switch a model just loaded for inference (Qwen-VL or Qwen2-VL) to the fast paths in place, unless off."""
-    from .model import QWenLMHeadModel
-    from .qwen2_vl import PatchEmbed, Qwen2Attention, Qwen2VL, VisionAttention, VisionMLP
-    from .qwen2_vl_fast import FastDecoder
-    from .qwen_vl_fast import FastDecoderV1
-    from .text import QWenAttention
-    from .vision import ResamplerAttention, VisionTransformer
-
     if not fast_enabled(fast):
         return model
     use_fast_linears(model)

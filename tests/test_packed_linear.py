@@ -62,6 +62,8 @@ def test_load_state_dict_packs_the_new_weight():
         packed.load_state_dict(linear(40, 24).state_dict())
     with pytest.raises(RuntimeError, match="Missing key.*weight"):
         packed.load_state_dict({"bias": other.bias})
+    with pytest.raises(RuntimeError, match="Unexpected key.*scale"):             # only `weight` is taken as known
+        packed.load_state_dict({**other.state_dict(), "scale": other.bias})
 
 
 @needs_packing
