@@ -46,7 +46,7 @@ def bypass_final_norm(model: QWenLMHeadModel) -> None:
     With ln_f the demo LM (4 layers, width 256) did not learn in-context retrieval (associative recall with the query
     one token before its answer) in 1000 steps, and without it, token embeddings at N(0, 1) and matrices at N(0, 0.05),
     it did (held-out 0.88); put back at step 1000 with its weight at the residual's RMS, training went on to 0.96-1.00
-    by step 1400 (experiments/recall_probe.py, README issue #3).
+    by step 1400 (experiments/recall_probe.py, docs/demo_model.md).
     """
     model.transformer.ln_f = nn.Identity()
 

@@ -20,7 +20,7 @@ Stages (each resumable; a finished stage leaves `DONE` and `model.pt` in its fol
 Loss per sample (not per token): a 24-token box must not drown a 1-token answer. The loss curve is
 written to OUT/loss.csv and OUT/loss.png; quick held-out checks to OUT/quick_eval.json.
 
-Measured (2 cores; the README's "The demo model" has every probe). The whole recipe as it is (session 15, fp32 on an
+Measured (2 cores; docs/demo_model.md has every probe). The whole recipe as it is (session 15, fp32 on an
 AVX2-only AMD EPYC): ~2 h 8 min of stages; stage2_pairs did not teach retrieval from real features (colour about 2
 shapes 0.50-0.69 through 1000 steps at lr 5e-4, oracle image tokens 0.96 in 600 at 1e-3); with the ViT frozen at lr
 1e-3 it did (0.94 after 500 steps). Session 16 (bf16 on an Intel Xeon with AMX, ~61 min of stages): the retrieval
