@@ -299,8 +299,8 @@ def world_text(rng: random.Random, n: int, spec: SceneSpec = SceneSpec()) -> Ite
 
 # The image tasks' questions, answered from a description of the scene in the context. An LM that has not learned to
 # fetch a value bound to a key in its context answers questions about several shapes at chance, with images or
-# without (docs/demo_model.md, issue #3); on text it learns that cheaply. Chinese descriptions carry no boxes (a Chinese phrase
-# never meets a box, so Chinese grounding stays zero-shot) and so only the questions they answer.
+# without (docs/demo_model.md, issue #3); on text it learns that cheaply. Chinese descriptions carry no boxes (a
+# Chinese phrase never meets a box, so Chinese grounding stays zero-shot) and so only the questions they answer.
 DESCRIBED_TASKS = {"en": (*VQA_TASKS, "grounding"), "zh": ("vqa_colour", "vqa_shape", "vqa_count", "vqa_yesno")}
 DESCRIBED_SPEC = SceneSpec(n_objects=(1, 5), n_texts=(0, 0))
 
