@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import statistics
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -187,6 +188,22 @@ class LossLog:
             return []
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
+
+
+def stage_minutes(rows: list[dict], batches: dict[str, int]) -> dict[str, float]:
+    """Minutes each stage's logged steps take at the stage's median rate: steps x batch / median samples/s.
+
+    The median makes it the training time alone: a run stopped and resumed, paused, or sharing the CPU for a while
+    logs a few slow rows that the median ignores, and probes run outside the rate's windows. Stages not in
+    `batches` are left out. E.g. rows of stage "a" at steps 10 / 20 / 30 with rates 20 / 5 / 20 samples/s and batch
+    4: 30 x 4 / 20 = 6 s = 0.1 min."""
+    minutes = {}
+    for stage, batch in batches.items():
+        own = [r for r in rows if r["stage"] == stage and r["samples_per_s"]]
+        if own:
+            rate = statistics.median(float(r["samples_per_s"]) for r in own)
+            minutes[stage] = max(int(r["step"]) for r in own) * batch / rate / 60
+    return minutes
 
 
 def plot_losses(csv_path: Path, png_path: Path, width: int = 900, height: int = 420) -> None:

@@ -87,7 +87,8 @@ from qwenvl.text import RMSNorm
 from qwenvl.tokenizer import SPECIAL_TOKENS, QWenTokenizer
 from qwenvl.vision import VisionTransformer
 from qwenvl.train import (TRAIN_DTYPES, LossLog, adamw, atomic_torch_save, autocast, bypass_final_norm, cosine_lr,
-                          load_state, plot_losses, resolve_train_dtype, restore_final_norm, save_state, set_trainable)
+                          load_state, plot_losses, resolve_train_dtype, restore_final_norm, save_state, set_trainable,
+                          stage_minutes)
 from qwenvl.weights import save_checkpoint
 
 # --------------------------------------------------------------------------- config
@@ -581,6 +582,10 @@ if needed("stage3"):
     set_trainable(model, vit=False, adapter=True, llm=True)
     if run_stage(STAGES["stage3"], model, stage_batch(chatml=True), vl_loss):
         probe("stage3")
+
+minutes = stage_minutes(LossLog.read(OUT / "loss.csv"), {name: stage.batch for name, stage in STAGES.items()})
+log(f"training time at each stage's median rate: {sum(minutes.values()):.1f} min ("
+    + ", ".join(f"{name} {m:.1f}" for name, m in minutes.items()) + "; the tokenizer, probes and loading not counted)")
 
 
 # --------------------------------------------------------------------------- weights for eval / export

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from qwenvl.bpe import save_tiktoken, train_bpe
 from qwenvl.tokenizer import PAT_STR, QWenTokenizer
 from qwenvl import quant_kernels
 from qwenvl.train import (LossLog, adamw, autocast, bypass_final_norm, cosine_lr, load_state, plot_losses,
-                          resolve_train_dtype, restore_final_norm, save_state, set_trainable)
+                          resolve_train_dtype, restore_final_norm, save_state, set_trainable, stage_minutes)
 from qwenvl.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +122,17 @@ def test_loss_log_truncates_on_resume_and_plots(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+def test_stage_minutes_uses_each_stages_median_rate(tmp_path):
+    log = LossLog(tmp_path / "loss.csv")
+    for step, rate in ((10, 20.0), (20, 0.5), (30, 20.0)):       # a pause inside stage "a": its median ignores it
+        log.append(step=step, stage="a", loss=1.0, samples_per_s=rate)
+    for step in (10, 20):
+        log.append(step=step, stage="b", loss=1.0, samples_per_s=8.0)
+    log.append(step=10, stage="c", loss=1.0, samples_per_s=1.0)
+    minutes = stage_minutes(LossLog.read(tmp_path / "loss.csv"), {"a": 4, "b": 2, "missing": 3})
+    assert minutes == pytest.approx({"a": 30 * 4 / 20 / 60, "b": 20 * 2 / 8 / 60})     # "c" has no batch given
+
+
 def test_bpe_round_trips_and_compresses(tmp_path):
     texts = ["the red circle is left of the blue square", "红色的圆形在蓝色正方形的左边", "(123,456),(789,12)"] * 50
     ranks = train_bpe(texts, 256 + 60, PAT_STR)
@@ -156,6 +168,8 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in captions)                 # share of caption tokens, teacher-forced
     assert first.stdout.count(": retrieval probe (") == 1         # after lm_pretrain
     assert first.stdout.count("ln_f back") == 1                   # before stage 3 (bypassed until then)
+    timed = re.search(r"training time at each stage's median rate: [\d.]+ min \((.*?);", first.stdout)
+    assert timed and sorted(part.split()[0] for part in timed.group(1).split(", ")) == sorted(stages)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done earlier") == len(stages)
     assert ": probe (" not in again.stdout                        # nothing trained: nothing probed again
