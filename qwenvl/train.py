@@ -193,8 +193,8 @@ class LossLog:
 def stage_minutes(rows: list[dict], batches: dict[str, int]) -> dict[str, float]:
     """Minutes each stage's logged steps take at the stage's median rate: steps x batch / median samples/s.
 
-    The median makes it the training time alone: a run stopped and resumed, paused, or sharing the CPU for a while
-    logs a few slow rows that the median ignores, and probes run outside the rate's windows. Stages not in
+    The median makes it the training time alone: a run stopped and resumed, paused, sharing the CPU for a while, or
+    probing inside a stage logs a few slow rows, which the median ignores. Stages not in
     `batches` are left out. E.g. rows of stage "a" at steps 10 / 20 / 30 with rates 20 / 5 / 20 samples/s and batch
     4: 30 x 4 / 20 = 6 s = 0.1 min."""
     minutes = {}
