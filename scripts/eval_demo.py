@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> dict:
         results += [{**r, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)} for r in rows]
     table, extra = make_table(results, args.quant, native)
     header = (f"{args.model} on the held-out synthetic sets (seed {args.seed}, n = {args.n} per set, {args.mode} "
-              f"prompts, greedy; points 0-100, CIDEr x 100; drop = float - quantized, in points)\n\n"
+              f"prompts, greedy; points 0-100, CIDEr x 100; drop = float - quantized, in points; a share of "
+              f"{args.n} answers at 50 has a standard error of {50 / args.n ** 0.5:.1f} points)\n\n"
               + quant_note(args.quant, group))
     summary = {"model": str(args.model.resolve()), "seed": args.seed, "n": args.n, "mode": args.mode,
                "int4_group_size": group, "quant": {q: models.scheme(q) for q in args.quant},

@@ -81,6 +81,7 @@ def test_table_rows_and_columns(run):
     table = (out / "table.md").read_text()
     assert "| task | lang | metric | float | int4 | int4 drop |" in table
     assert "int4 symmetric, group size 32" in table
+    assert "a share of 2 answers at 50 has a standard error of 35.4 points" in table     # 50 / sqrt(2)
     for label in ("| grounding | zh | P@1", "| vqa | en | VQA acc. |", "| ocr | en @ 28 px | exact match |",
                   "| multi-image | zh | accuracy |", "| caption | zh | CIDEr |", "| text | en | exact match |"):
         assert label in table
