@@ -45,6 +45,10 @@ en 62 = 62, zh 56 -> 58, grounding the same 8 / 6, OCR 1 / 1 -> 0 / 0.
 Session 22 (bf16): that recipe in one command took 159 min of training at each stage's median rate (over the 2.5
 h), so stage2_pairs is 500 steps and the full mix 3000 (~143 min at that run's rates); run twice, the recipe's
 held-out sets move by up to 10 points (VQA en 62 / 69, grounding en 8 / 1, CIDEr en 199.4 / 232.8).
+Session 23 (bf16): the trimmed recipe in one command (runs/demo22a, its first five stages demo21e's) took 147.8 min
+at each stage's median rate (the full mix 57.4 at 20.9 samples/s, stage 3 19.6 at 16.3); fresh sets of 300 (seed
+4321) against the shipped model: text en 48.7 / 56.7, grounding en 10.7 / 13.3, zh 4.3 / 8.7, CIDEr en 162.6 / 186.8,
+VQA en 62.0 / 65.3, multi-image en 44.0 / 43.7: lower on 8 of 12 sets, so not shipped.
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).
@@ -137,7 +141,8 @@ FULL = {
     "stage2_ground1": Stage("stage2_ground1", 1800, 24, 1e-3, 30, probe_every=600, train_vit=False),
     "stage2_ground": Stage("stage2_ground", 900, 24, 5e-4, 30, probe_every=300, train_vit=False),
     "stage2_easy": Stage("stage2_easy", 500, 24, 3e-4, 50),
-    # 3000 steps (session 22, for time; the shipped model had 3600): the recipe measured 159 min in one run
+    # 3000 steps (session 22, for time; the shipped model had 3600): the recipe measured 159 min in one run,
+    # trimmed 147.8 (session 23)
     "stage2": Stage("stage2", 3000, 24, 2e-4, 50, probe_every=1200, train_vit=False),
     "stage3": Stage("stage3", 1200, 16, 1e-4, 30),
 }
