@@ -82,6 +82,7 @@ from qwenvl.adapter_init import init_adapter_from_data
 from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.data import IGNORE_INDEX, Rendered, collate, per_sample_loss, render_sft
 from qwenvl.generation import generate, left_pad
+from qwenvl.heap import release_free_pages, resident_bytes
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
 from qwenvl.patch_labels import n_classes, patch_labels
@@ -151,7 +152,7 @@ SMOKE = {name: dataclasses.replace(s, steps=3, batch=2, warmup=1, probe_every=mi
 STAGES = SMOKE if args.smoke else FULL
 BPE_MERGES = 200 if args.smoke else 2800
 BPE_TEXTS = 500 if args.smoke else 60_000
-SAVE_EVERY_S = 120
+SAVE_EVERY_S = 0 if args.smoke else 120      # the smoke run checkpoints after every step, so tests reach that path
 
 
 def demo_config(n_ranks: int) -> QWenConfig:
@@ -218,6 +219,7 @@ def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn, check=None) 
         if time.time() - last_save > SAVE_EVERY_S:
             save_state(folder / "state.pt", module, opt, step, rng, np_rng)
             plot_losses(OUT / "loss.csv", OUT / "loss.png")
+            trim_heap(f"{stage.name} step {step}")
             last_save = time.time()
     print(file=sys.stderr)
     module.eval()
@@ -227,6 +229,16 @@ def run_stage(stage: Stage, module: nn.Module, make_batch, loss_fn, check=None) 
     plot_losses(OUT / "loss.csv", OUT / "loss.png")
     log(f"{stage.name}: finished {stage.steps} steps")
     return True
+
+
+def trim_heap(where: str) -> None:
+    """Return the heap's free pages to the OS and log the resident memory before and after: batches of varying
+    shapes leave freed blocks resident (lm_pretrain held 2.75 GB, 1.53 after one trim; an untrimmed run reached
+    8.6 GB in the full mix, session 23)."""
+    before = resident_bytes()
+    release_free_pages()
+    if before is not None:
+        log(f"{where}: resident {before / 2**30:.2f} GiB, {resident_bytes() / 2**30:.2f} after returning free pages")
 
 
 def record_probe(name: str, result: dict) -> None:

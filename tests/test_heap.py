@@ -17,11 +17,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # stay resident until trimmed.
 HOLES = """
 import torch
-from pathlib import Path
-from qwenvl.heap import release_free_pages
-def rss():
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmRSS"].split()[0]) << 10
+from qwenvl.heap import release_free_pages, resident_bytes as rss
 keep = [torch.ones(25_000) for _ in range(4000)]
 del keep[::2]
 before = rss()
@@ -34,6 +30,21 @@ print((before - rss()) / 1e6)
 def test_release_free_pages_gives_the_holes_of_freed_tensors_back():
     out = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, check=True)
     assert float(out.stdout) > 150          # MB of the 200 freed (measured: 192)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/status is Linux's")
+def test_resident_bytes_follows_touched_memory():
+    before = heap.resident_bytes()
+    block = torch.ones(50 * 2**20 // 4)             # 50 MB, written: resident
+    assert heap.resident_bytes() - before > 40e6
+    del block
+
+
+def test_resident_bytes_is_none_without_proc(monkeypatch):
+    def missing(self, *args, **kwargs):
+        raise FileNotFoundError(self)
+    monkeypatch.setattr(heap.Path, "read_text", missing)
+    assert heap.resident_bytes() is None
 
 
 def test_trim_every_trims_once_per_threshold(monkeypatch):

@@ -168,6 +168,8 @@ def test_every_stage_of_the_recipe_runs_and_resumes(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in captions)                 # share of caption tokens, teacher-forced
     assert first.stdout.count(": retrieval probe (") == 1         # after lm_pretrain
     assert first.stdout.count("ln_f back") == 1                   # before stage 3 (bypassed until then)
+    if sys.platform == "linux":                                   # checkpoints trim the heap and log its size
+        assert re.search(r"stage3 step 1: resident [\d.]+ GiB, [\d.]+ after returning free pages", first.stdout)
     timed = re.search(r"training time at each stage's median rate: [\d.]+ min \((.*?);", first.stdout)
     assert timed and sorted(part.split()[0] for part in timed.group(1).split(", ")) == sorted(stages)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
