@@ -49,6 +49,9 @@ Session 23 (bf16): the trimmed recipe in one command (runs/demo22a, its first fi
 at each stage's median rate (the full mix 57.4 at 20.9 samples/s, stage 3 19.6 at 16.3); fresh sets of 300 (seed
 4321) against the shipped model: text en 48.7 / 56.7, grounding en 10.7 / 13.3, zh 4.3 / 8.7, CIDEr en 162.6 / 186.8,
 VQA en 62.0 / 65.3, multi-image en 44.0 / 43.7: lower on 8 of 12 sets, so not shipped.
+Session 24 (bf16): the trimmed recipe from scratch in one command (runs/demo24a, --seed 1): 130.6 min at median rates
+(145.6 wall); fresh sets: VQA en 67.7 / 65.3, zh 62.7 / 59.0, text zh 55.3 / 49.0, but grounding en 6.3 / 13.3, zh 2.3
+/ 8.7 (more than 2 standard errors lower), so not shipped; boxes 0.625 after ground1, 0.0-0.125 after the full mix.
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).
