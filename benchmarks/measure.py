@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwenvl.heap import release_free_pages
+from qwenvl.heap import release_free_pages, resident_bytes
 from qwenvl.quantize import GPTQLinear
 
 
@@ -64,8 +64,7 @@ def memory_gib() -> float:
 
 def rss_gib() -> tuple[float, float]:
     """(current, peak) resident set size of this process in GiB."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+    return tuple(resident_bytes(peak) / 2**30 for peak in (False, True))
 
 
 def release_freed_memory() -> None:

@@ -8,7 +8,7 @@ memory (measured: peak 8.86-9.27 GiB for 8.23 GiB of weights, 8.36 with a trim e
 
     release_free_pages()                   # glibc's malloc_trim(0); False where there is no glibc (a no-op there)
     trim = TrimEvery(256 << 20)            # then trim.add(nbytes) after each tensor: trims once per 256 MB
-    resident_bytes()                       # this process's resident memory (VmRSS); None where /proc has none
+    resident_bytes()                       # this process's resident memory (VmRSS; peak=True: VmHWM); None without /proc
 
 Training churns the heap the same way (batches of varying shapes: the demo model's lm_pretrain held 2.75 GB
 resident, 1.53 GB after one trim, session 24), so scripts/train_demo.py trims at each checkpoint and logs both.
@@ -51,11 +51,13 @@ class TrimEvery:
             self.pending = 0
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set size (VmRSS of /proc/self/status); None where there is no such file."""
+def resident_bytes(peak: bool = False) -> int | None:
+    """This process's resident set size (VmRSS of /proc/self/status), or its peak so far (VmHWM) with `peak`; None
+    where there is no such file."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+    key = "VmHWM:" if peak else "VmRSS:"
+    rss = [line.split()[1] for line in status.splitlines() if line.startswith(key)]
     return int(rss[0]) << 10 if rss else None               # the kernel reports kB

@@ -37,6 +37,7 @@ def test_resident_bytes_follows_touched_memory():
     before = heap.resident_bytes()
     block = torch.ones(50 * 2**20 // 4)             # 50 MB, written: resident
     assert heap.resident_bytes() - before > 40e6
+    assert heap.resident_bytes(peak=True) >= heap.resident_bytes()
     del block
 
 
