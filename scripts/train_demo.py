@@ -52,6 +52,9 @@ VQA en 62.0 / 65.3, multi-image en 44.0 / 43.7: lower on 8 of 12 sets, so not sh
 Session 24 (bf16): the trimmed recipe from scratch in one command (runs/demo24a, --seed 1): 130.6 min at median rates
 (145.6 wall); fresh sets: VQA en 67.7 / 65.3, zh 62.7 / 59.0, text zh 55.3 / 49.0, but grounding en 6.3 / 13.3, zh 2.3
 / 8.7 (more than 2 standard errors lower), so not shipped; boxes 0.625 after ground1, 0.0-0.125 after the full mix.
+Session 25 (bf16): from demo24a's stage2_ground, boxes at 40 / 30 / 20% of stage2_easy / stage2 / stage3 (16 / 16 / 10
+here): 146.0 min; boxes after easy 0.31 (0.125), after the full mix 0.06; fresh sets grounding en 20.0 / 13.3 but zh
+2.7 / 8.7, CIDEr en 137.1 / 186.8, text en 44.3 / 56.7: not shipped, the mix above unchanged.
 Earlier notes:
   vit_pretrain 900 steps: patch colour 99.6%, shape 73%, character 2% (per-patch, held out) in ~10 min.
   lm_pretrain 600 steps: loss 7.6 -> 1.1 in 7.5 min (world text only, before session 14).
