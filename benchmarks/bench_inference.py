@@ -20,8 +20,10 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
                   is 19 GB, too close to this machine's 24 GB); bf16 and int4 with qwenvl.fast_paths on (FastLinear, the
                   decode-attention kernel); built in place, random.
 
-Definitions (encode and prefill: the best of 3 calls): encode = the vision tower on preprocessed pixels; prefill = one forward over the prompt with pixels,
-minus encode; time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
+Definitions (encode and prefill: the best of 3 calls): encode = the vision tower on preprocessed pixels; prefill = the
+language model's forward over the prompt, the image features and the M-RoPE positions computed beforehand
+(transformers: inputs_embeds and position_ids; measured directly since session 25: the earlier "forward with pixels
+minus encode" carried both calls' noise and hid a 7-8% change in session 23); time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
 decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roofline = read bandwidth (1 GiB tensor
 sum, measure.py, same thread count, measured right after each case's decode: a shared host's bandwidth wanders) /
 weight bytes read per decoded token (all LLM tensors as stored, one embedding
@@ -62,6 +64,7 @@ from qwenvl.fast_paths import fast_step, use_fast_paths
 from qwenvl.generation import generate_stream as v1_generate_stream
 from qwenvl.images import preprocess_v1
 from qwenvl.model import QWenLMHeadModel
+from qwenvl.positions import get_rope_index
 from qwenvl.processor import preprocess_images
 from qwenvl.quantize import quantized_swap
 from qwenvl.qwen2_vl import Qwen2VL, new_kv_cache
@@ -181,7 +184,10 @@ def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image) -> dict:
     patches, grid = preprocess_images([image])
     ids = qwen2_prompt(model.config, patches.shape[0] // 4)
     encode_s = best_of(lambda: model.encode_vision(patches, grid))
-    forward_s = best_of(lambda: model(ids, pixel_patches=patches, image_grid_thw=grid, last_only=True))
+    features, cfg = model.encode_vision(patches, grid), model.config
+    positions, _ = get_rope_index(ids, grid, None, cfg.image_token_id, cfg.video_token_id,
+                                  cfg.vision.spatial_merge_size)
+    prefill_s = best_of(lambda: model(ids, position_ids=positions, image_features=features, last_only=True))
     params = SamplingParams(max_new_tokens=STEPS + 1, do_sample=False)
     cache = new_kv_cache(model.config, 1, ids.shape[1] + STEPS + 1, DTYPES[mode])
     t0 = time.perf_counter()
@@ -189,7 +195,7 @@ def run_qwenvl(mode: str, ckpt: Path, raw: dict, image: Image.Image) -> dict:
     vision = VisionInputs(*preprocess_images([image]))
     times = token_times(generate_stream(model, ids, params, vision=vision, kv_cache=cache, step=fast_step(model)))
     row = {"library": "qwenvl", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s, "encode_s": encode_s,
-           "prefill_s": forward_s - encode_s, "ttft_s": times[0] - t0 - preprocess_s}
+           "prefill_s": prefill_s, "ttft_s": times[0] - t0 - preprocess_s}
     return finish(row, model, baseline, cache.nbytes(), rate(times))
 
 
@@ -235,7 +241,9 @@ def run_transformers(mode: str, ckpt: Path, image: Image.Image) -> dict:
     ids = qwen2_prompt(Qwen2VLConfig.from_json(ckpt / "config.json"), int(pix["image_grid_thw"].prod()) // 4)
     extra = {"mm_token_type_ids": (ids == cfg.image_token_id).long(), "attention_mask": torch.ones_like(ids)}
     encode_s = best_of(lambda: model.get_image_features(pix["pixel_values"].to(model.dtype), pix["image_grid_thw"]))
-    forward_s = best_of(lambda: model(input_ids=ids, **pix, **extra, logits_to_keep=1, use_cache=False))
+    embeds, positions = hf_prefill_inputs(model, ids, pix, extra)
+    prefill_s = best_of(lambda: model(inputs_embeds=embeds, position_ids=positions, attention_mask=extra["attention_mask"],
+                                      logits_to_keep=1, use_cache=False))
     clock = clock_streamer()
     t0 = time.perf_counter()
     preprocess_s = timed(lambda: processor(images=[image], return_tensors="pt"))
@@ -246,8 +254,22 @@ def run_transformers(mode: str, ckpt: Path, image: Image.Image) -> dict:
         ids.shape[1] + STEPS + 1) * (cfg.text_config.hidden_size // cfg.text_config.num_attention_heads) * (
         4 if mode == "fp32" else 2)
     row = {"library": "transformers", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s,
-           "encode_s": encode_s, "prefill_s": forward_s - encode_s, "ttft_s": clock.times[0] - t0 - preprocess_s}
+           "encode_s": encode_s, "prefill_s": prefill_s, "ttft_s": clock.times[0] - t0 - preprocess_s}
     return finish(row, model, baseline, kv_bytes, rate(clock.times))
+
+
+def hf_prefill_inputs(model, ids: torch.Tensor, pix: dict, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language model's inputs for a prompt with an image, made by transformers' own code: the text embeddings
+    with the image features written over the placeholders [1, T, C], and the M-RoPE position_ids."""
+    inner = model.model
+    features = inner.get_image_features(pix["pixel_values"].to(model.dtype), pix["image_grid_thw"], return_dict=True)
+    features = torch.cat(features.pooler_output, dim=0)
+    embeds = inner.get_input_embeddings()(ids)
+    where, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+    embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
+    positions, _ = inner.get_rope_index(ids, extra["mm_token_type_ids"], image_grid_thw=pix["image_grid_thw"],
+                                        attention_mask=extra["attention_mask"])
+    return embeds, positions
 
 
 # --------------------------------------------------------------------------- qwenvl, Qwen-VL-Chat
@@ -273,7 +295,8 @@ def run_qwen_vl(mode: str, image: Image.Image) -> dict:
     ids = torch.tensor([text[:10] + [vis.image_start_id] + [vis.image_pad_id] * vis.n_queries
                         + [vis.image_start_id + 1] + text[10:]])
     encode_s = best_of(lambda: model.encode_images(pixels))
-    forward_s = best_of(lambda: model(ids, images=pixels, last_only=True))
+    features = model.encode_images(pixels)
+    prefill_s = best_of(lambda: model(ids, image_features=features, last_only=True))
     params = SamplingParams(max_new_tokens=STEPS + 1, do_sample=False)
     t0 = time.perf_counter()
     preprocess_s = timed(lambda: preprocess_v1(image, vis.image_size))
@@ -281,7 +304,7 @@ def run_qwen_vl(mode: str, image: Image.Image) -> dict:
                                            .bfloat16()))
     kv_bytes = 2 * model.config.num_hidden_layers * model.config.hidden_size * (ids.shape[1] + STEPS + 1) * 2
     row = {"library": "qwenvl", "mode": mode, "load_s": load_s, "preprocess_s": preprocess_s, "encode_s": encode_s,
-           "prefill_s": forward_s - encode_s, "ttft_s": times[0] - t0 - preprocess_s}
+           "prefill_s": prefill_s, "ttft_s": times[0] - t0 - preprocess_s}
     return finish(row, model, baseline, kv_bytes, rate(times))
 
 
