@@ -23,7 +23,8 @@ prompt is 50 random text ids around one image span; greedy decoding of --steps t
 Definitions (encode and prefill: the best of 3 calls): encode = the vision tower on preprocessed pixels; prefill = the
 language model's forward over the prompt, the image features and the M-RoPE positions computed beforehand
 (transformers: inputs_embeds and position_ids; measured directly since session 25: the earlier "forward with pixels
-minus encode" carried both calls' noise and hid a 7-8% change in session 23); time to first token (TTFT) = preprocessing the PIL image + generate() until the first new token;
+minus encode" carried both calls' noise and hid a 7-8% change in session 23); time to first token (TTFT) =
+preprocessing the PIL image + generate() until the first new token;
 decode tok/s = (tokens - 1) / (time of the last token - time of the first). Roofline = read bandwidth (1 GiB tensor
 sum, measure.py, same thread count, measured right after each case's decode: a shared host's bandwidth wanders) /
 weight bytes read per decoded token (all LLM tensors as stored, one embedding
@@ -242,8 +243,8 @@ def run_transformers(mode: str, ckpt: Path, image: Image.Image) -> dict:
     extra = {"mm_token_type_ids": (ids == cfg.image_token_id).long(), "attention_mask": torch.ones_like(ids)}
     encode_s = best_of(lambda: model.get_image_features(pix["pixel_values"].to(model.dtype), pix["image_grid_thw"]))
     embeds, positions = hf_prefill_inputs(model, ids, pix, extra)
-    prefill_s = best_of(lambda: model(inputs_embeds=embeds, position_ids=positions, attention_mask=extra["attention_mask"],
-                                      logits_to_keep=1, use_cache=False))
+    prefill_s = best_of(lambda: model(inputs_embeds=embeds, position_ids=positions,
+                                      attention_mask=extra["attention_mask"], logits_to_keep=1, use_cache=False))
     clock = clock_streamer()
     t0 = time.perf_counter()
     preprocess_s = timed(lambda: processor(images=[image], return_tensors="pt"))
