@@ -4,8 +4,8 @@ A behaviour test of the artefact, through the public chat API a user calls: fres
 sample streams (never seen in training), the questions as the training world phrases them, greedy
 answers. The floors sit below what the model measured when it shipped (README, "The demo model") and above
 chance, so they catch a broken artefact or a regression in the inference path, not noise. The shipped model
-reads colours (10/12 en, 8/12 zh when it shipped in session 21; chance ~1/9) and, in English, shapes (12/12;
-chance ~1/6), but boxes only now and then (1/12 here, 8% held out) and no text; for those it is held to the form of
+reads colours (10/12 en, 8/12 zh when it shipped in session 26; chance ~1/9) and, in English, shapes (10/12;
+chance ~1/6), but boxes only now and then (2/12 here, 6% held out) and no text; for those it is held to the form of
 its answers (a box in [0, 1000), a digit, yes/no), which a broken inference path loses too.
 """
 from __future__ import annotations
