@@ -121,7 +121,7 @@ parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
                     help="compute dtype; auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)    # what takes no generator of its own (the patch heads' nn.Linear init): same run, same bits
+torch.manual_seed(args.seed)    # for what takes no generator (the patch heads' nn.Linear init): one seed, one run
 TRAIN_DTYPE = resolve_train_dtype(args.dtype)
 OUT: Path = args.out
 OUT.mkdir(parents=True, exist_ok=True)
