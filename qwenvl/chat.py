@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .config import GenerationConfig
 from .generation import generate_stream
+from .grounding import check_history, check_text
 from .model import QWenLMHeadModel
 from .sampling import SamplingParams
 from .tokenizer import image_paths_in_ids
@@ -33,8 +34,11 @@ def make_context(tokenizer, query: str, history: Sequence[tuple[str, str | None]
     [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 108386,
      151645, 198, 151644, 77091, 198].
     """
+    check_text("query", query)
     if chat_format == "raw":
         return query, tokenizer.encode(query)
+    check_text("system", system)
+    check_history(history)
     if chat_format != "chatml":
         raise ValueError(f"unknown {chat_format=}; expected 'chatml' or 'raw'")
     nl, start, end = tokenizer.encode("\n"), [tokenizer.im_start_id], [tokenizer.im_end_id]

@@ -27,6 +27,56 @@ DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, TypeError)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1; argparse prints the message as "argument --x: <message>"."""
+    value = _parse(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _parse(float, text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = _parse(int, text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def _parse(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def check_output_image(path: Path) -> None:
+    """ValueError unless a picture can be saved at `path`: its folder exists, it is not a folder, and Pillow
+    knows its extension. Checked before the answer is generated, so a typo costs no answer."""
+    from PIL import Image
+
+    Image.init()
+    if path.is_dir():
+        raise ValueError(f"cannot draw on {path}: it is a directory; give a file name such as {path / 'boxes.png'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot draw on {path}: the folder {path.parent} does not exist")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"cannot draw on {path}: unknown image extension {path.suffix!r}; use .png or .jpg")
+
+
 def default_model_dir() -> Path:
     if (DEMO_MODEL_DIR / "config.json").is_file():
         return DEMO_MODEL_DIR
@@ -45,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     chat.add_argument("--system", default=None, help="system prompt (default: 'You are a helpful assistant.')")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the model's sampling")
-    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=None)
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible answers)")
-    chat.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL: smallest image area (pixels)")
-    chat.add_argument("--max-pixels", type=int, default=None, help="Qwen2-VL: largest image area (pixels)")
+    chat.add_argument("--min-pixels", type=positive_int, default=None, help="Qwen2-VL: smallest image area (pixels)")
+    chat.add_argument("--max-pixels", type=positive_int, default=None, help="Qwen2-VL: largest image area (pixels)")
     chat.add_argument("--video", action="append", default=[],
                       help="Qwen2-VL: an animated GIF/WebP/PNG to ask about; repeat for several")
     add_serve_parser(sub)
@@ -74,21 +124,23 @@ def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-style server (/v1/chat/completions) with a web page at /")
     serve.add_argument("--model", type=Path, help="checkpoint folder (default: the bundled demo model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--name", default="qwen-vl-chat", help="the model id clients send and /v1/models lists")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    serve.add_argument("--max-len", type=int, default=2048, help="prompt + answer tokens of one request")
-    serve.add_argument("--kv-budget-mb", type=float, default=None, help="memory for the KV cache (caps the batch)")
-    serve.add_argument("--feature-cache-mb", type=float, default=256, help="memory for cached image features")
-    serve.add_argument("--prefix-cache-mb", type=float, default=256,
+    serve.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together")
+    serve.add_argument("--max-len", type=positive_int, default=2048, help="prompt + answer tokens of one request")
+    serve.add_argument("--kv-budget-mb", type=positive_float, default=None,
+                       help="memory for the KV cache (caps the batch)")
+    serve.add_argument("--feature-cache-mb", type=non_negative_float, default=256,
+                       help="memory for cached image features")
+    serve.add_argument("--prefix-cache-mb", type=non_negative_float, default=256,
                        help="memory for cached K/V of prompt prefixes that end with an image (0: off)")
-    serve.add_argument("--max-images", type=int, default=8, help="images per request")
+    serve.add_argument("--max-images", type=positive_int, default=8, help="images per request")
     serve.add_argument("--allow-image-dir", type=Path, action="append", default=[],
                        help="LOOSENS SAFETY: clients may name image files inside this directory; repeatable")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="LOOSENS SAFETY: image URLs may point to loopback/private/link-local addresses")
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_eval(args)
     model_dir = args.model or default_model_dir()
     try:
+        if args.draw is not None:
+            check_output_image(args.draw)
         if family_name(model_dir) == "qwen2_vl":
             session: ChatSession = Qwen2ChatSession(*load_family(model_dir, args.dtype), args)
         else:
-            if args.video:
-                raise ValueError("--video needs a Qwen2-VL checkpoint")
+            _check_v1_flags(args)
             session = ChatSession(*_load(model_dir, args.dtype), args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -115,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.question is not None:
         return 0 if session.ask(args.question, args.image, args.draw) else 2
     return session.repl()
+
+
+def _check_v1_flags(args: argparse.Namespace) -> None:
+    """Qwen2-VL-only flags on a Qwen-VL checkpoint are an error, not silently ignored."""
+    for flag, value in (("--video", args.video), ("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels)):
+        if value:
+            raise ValueError(f"{flag} needs a Qwen2-VL checkpoint; Qwen-VL resizes every image to its fixed size")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -224,16 +284,15 @@ class ChatSession:
         return response
 
     def _draw(self, response: str, out: Path) -> None:
+        from .grounding import BoxFormat
+
         try:
             picture = self.tokenizer.draw_bbox_on_latest_picture(response, self.history)
         except USER_ERRORS as e:
             print(f"error: cannot draw: {e}", file=sys.stderr)
             return
-        if picture is None:
-            print("(no picture or no box in the answer: nothing drawn)", file=sys.stderr)
-            return
-        picture.save(out)
-        print(f"(boxes drawn on {out})", file=sys.stderr)
+        _report_odd_boxes(response, BoxFormat.QWEN_VL)
+        _save_drawing(picture, out)
 
     def repl(self) -> int:
         print("qwenvl chat — :image PATH adds a picture to your next question, :draw OUT.png draws the last "
@@ -278,6 +337,7 @@ class Qwen2ChatSession(ChatSession):
     def __init__(self, model, tokenizer, family, args: argparse.Namespace):
         super().__init__(model, tokenizer, args)
         self.family = family
+        family.check_pixel_limits(args.min_pixels, args.max_pixels)     # before any question, not at the first image
         self.pending_videos = list(args.video)              # asked with the first question
 
     def ask(self, question: str, images: list[str], draw: Path | None) -> bool:
@@ -345,11 +405,34 @@ class Qwen2ChatSession(ChatSession):
 
         pictures = [p for turn in self.history for p in turn[2]]
         boxes = parse_boxes(response, self.family.box_format)
-        if not pictures or not boxes:
-            print("(no picture or no box in the answer: nothing drawn)", file=sys.stderr)
-            return
-        draw_boxes(pictures[-1], boxes).save(out)
-        print(f"(boxes drawn on {out})", file=sys.stderr)
+        _report_odd_boxes(response, self.family.box_format)
+        _save_drawing(draw_boxes(pictures[-1], boxes) if pictures and boxes else None, out)
+
+
+def _report_odd_boxes(response: str, fmt) -> None:
+    """Say which boxes of the answer are not drawn (malformed) or drawn clamped (outside [0, 1000))."""
+    from .grounding import NORM_MAX, format_box, malformed_boxes, parse_boxes
+
+    for body in malformed_boxes(response, fmt):
+        print(f"(box {body!r} is not (x1,y1),(x2,y2) with integers in [0, 1000): not drawn)", file=sys.stderr)
+    for box in parse_boxes(response, fmt):
+        if max(box.x1, box.y1, box.x2, box.y2) > NORM_MAX:
+            print(f"(box {format_box(box, fmt)} has coordinates above {NORM_MAX}: drawn clamped to the picture)",
+                  file=sys.stderr)
+
+
+def _save_drawing(picture, out: Path) -> None:
+    """Save the drawn picture (None: nothing to draw), reporting a failed save without ending the session."""
+    if picture is None:
+        print("(no picture or no box in the answer: nothing drawn)", file=sys.stderr)
+        return
+    try:
+        check_output_image(out)
+        picture.save(out)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return
+    print(f"(boxes drawn on {out})", file=sys.stderr)
 
 
 def _qwen2_sampling(args: argparse.Namespace, model_dir: Path):

@@ -35,6 +35,9 @@ class VisualConfig:
     image_start_id: int = 151857    # <img>; </img> = +1, <imgpad> = +2
 
     def __post_init__(self) -> None:
+        _check_positive(self, ("image_size", "patch_size", "width", "layers", "heads", "output_dim", "n_queries",
+                               "image_start_id"))
+        _check_positive(self, ("mlp_ratio",), (int, float))
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.image_size=} is not a multiple of {self.patch_size=}")
         if self.width % self.heads:
@@ -90,7 +93,12 @@ class QWenConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.visual, dict):
-            self.visual = VisualConfig(**_known(VisualConfig, self.visual))
+            self.visual = _visual_from_dict(self.visual)
+        if not isinstance(self.visual, VisualConfig):
+            raise ValueError(f"config.json's 'visual' must be an object of ViT settings, got {self.visual!r}")
+        _check_positive(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+                               "intermediate_size", "max_position_embeddings", "seq_length"))
+        _check_positive(self, ("layer_norm_epsilon", "rotary_emb_base", "rotary_pct"), (int, float))
         if self.visual.output_dim != self.hidden_size:
             raise ValueError(f"{self.visual.output_dim=} must equal {self.hidden_size=}")
         if self.tie_word_embeddings:
@@ -120,7 +128,7 @@ class QWenConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "QWenConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_name(cls, name: str) -> "QWenConfig":
@@ -159,7 +167,7 @@ class GenerationConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GenerationConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json_object(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -170,14 +178,37 @@ def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k in names}
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def _visual_from_dict(raw: dict[str, Any]) -> VisualConfig:
+    unknown = set(raw) - {f.name for f in dataclasses.fields(VisualConfig)}
+    if unknown:
+        raise ValueError(f"config.json's 'visual' has keys this Qwen-VL implementation does not know: "
+                         f"{sorted(unknown)}")
+    return VisualConfig(**raw)
+
+
+def _check_positive(config: Any, names: tuple[str, ...], kind: type | tuple[type, ...] = int) -> None:
+    """ValueError naming the first field that is not a positive `kind` (a string or 0 in config.json fails
+    here, not as a shape error deep in the model). Example: hidden_size "big" -> "...hidden_size must be a
+    positive int, got 'big'"."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < math.inf:
+            what = "int" if kind is int else "number"
+            raise ValueError(f"config.json: {type(config).__name__}.{name} must be a positive {what}, got {value!r}")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path` (a config file), or an error naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such config file: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}, got a {type(raw).__name__}")
+    return raw
 
 
 _VL_CHAT_VISUAL = {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,

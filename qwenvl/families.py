@@ -12,7 +12,6 @@ boxes are written. Nothing here keeps per-request state.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import read_json_object
 from .grounding import BoxFormat, parse_boxes, to_pixels
 from .images import image_digest, load_image, preprocess_v1
 from .kv_cache import KVCache
@@ -31,7 +31,7 @@ def family_name(model_dir: str | Path) -> str:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return "qwen_vl"                  # the v1 loader reports the missing file with its own message
-    return "qwen2_vl" if json.loads(path.read_text()).get("model_type") == "qwen2_vl" else "qwen_vl"
+    return "qwen2_vl" if read_json_object(path).get("model_type") == "qwen2_vl" else "qwen_vl"
 
 
 def load_family(model_dir: str | Path, dtype: str = "auto", fast: bool | None = None):
@@ -132,6 +132,14 @@ class QwenVLFamily:
         image = load_image(source, policy)
         pixels = functools.partial(preprocess_v1, image, self.model.config.visual.image_size)   # lazy
         return LoadedVisual(image_digest(image), pixels, image.width, image.height)
+
+    def check_pixel_limits(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """ValueError when either is given: v1 resizes every image to one size, so they would be ignored."""
+        given = [name for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None]
+        if given:
+            size = self.model.config.visual.image_size
+            raise ValueError(f"{given[0]} applies to Qwen2-VL models only; this Qwen-VL model resizes every image "
+                             f"to {size}x{size}")
 
     def render(self, messages: list[Message], tokenizer, images: list[LoadedVisual], system: str) -> list[int]:
         return render_messages(messages, tokenizer, system)
@@ -253,6 +261,17 @@ class Qwen2VLFamily(QwenVLFamily):
         patches, grid = preprocess_images([image], self.processor, min_pixels=min_pixels, max_pixels=max_pixels)
         key = f"{image_digest(image)}:{min_pixels}:{max_pixels}"      # the grid depends on the pixel limits
         return LoadedVisual(key, patches, image.width, image.height, tuple(int(v) for v in grid[0]))
+
+    def check_pixel_limits(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """ValueError when the limits in effect (these, else the processor config's) leave no size for an image.
+
+        Example: max_pixels=784 with the hub's min_pixels 3136 -> "min_pixels=3136 (the checkpoint's default) is
+        larger than max_pixels=784"."""
+        lo, hi = min_pixels or self.processor.min_pixels, max_pixels or self.processor.max_pixels
+        if lo > hi:
+            lo_text = f"{lo}" if min_pixels else f"{lo} (the checkpoint's default)"
+            hi_text = f"{hi}" if max_pixels else f"{hi} (the checkpoint's default)"
+            raise ValueError(f"min_pixels={lo_text} is larger than max_pixels={hi_text}; no image size fits both")
 
     def check_budget(self, images: list, max_visual_tokens: int) -> None:
         """VisualBudgetError (a ValueError) naming the count when the images need too many tokens."""

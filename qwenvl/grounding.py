@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 import json
 import math
+import numbers
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,20 +81,67 @@ def from_list_format(list_format: Iterable[dict[str, Any]]) -> str:
     Example: `[{"image": "a.jpg"}, {"text": "Hi"}, {"ref": "dog", "box": [[1, 2, 3.9, 4]]}]`
     -> `"Picture 1: <img>a.jpg</img>\\nHi<ref>dog</ref><box>(1,2),(3,4)</box>"` (numbers written with %d).
     """
+    if isinstance(list_format, (str, bytes, dict)) or not isinstance(list_format, Iterable):
+        raise ValueError(f"list_format must be a list of dicts, got {_short(list_format)}")
     text, n_images = "", 0
-    for ele in list_format:
-        if "image" in ele:
+    for i, ele in enumerate(list_format):
+        if isinstance(ele, dict) and "image" in ele:
             n_images += 1
-            text += f"Picture {n_images}: " + IMG_START + ele["image"] + IMG_END + "\n"  # latest revision: space
-        elif "text" in ele:
+            text += f"Picture {n_images}: " + IMG_START + _image_text(ele["image"], i) + IMG_END + "\n"  # latest: space
+        elif isinstance(ele, dict) and "text" in ele:
+            check_text(f"list_format[{i}]['text']", ele["text"])
             text += ele["text"]
-        elif "box" in ele:
+        elif isinstance(ele, dict) and "box" in ele:
             if "ref" in ele:
+                check_text(f"list_format[{i}]['ref']", ele["ref"])
                 text += REF_START + ele["ref"] + REF_END
-            text += "".join(BOX_START + _coords_text(box) + BOX_END for box in ele["box"])
+            text += "".join(BOX_START + _coords_text(_checked_box(box, i)) + BOX_END for box in _boxes_of(ele, i))
         else:
             raise ValueError(f"Unsupport element: {ele} (expected a dict with 'image', 'text' or 'box')")
     return text
+
+
+def _image_text(source: Any, i: int) -> str:
+    """An image element's path or URL, which must not break out of its `<img>` span."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    check_text(f"list_format[{i}]['image'] (a path or URL)", source)
+    if IMG_START in source or IMG_END in source:
+        raise ValueError(f"list_format[{i}]['image'] {source!r} contains {IMG_START} or {IMG_END}")
+    return source
+
+
+def _boxes_of(ele: dict, i: int) -> list:
+    """A box element's list of boxes. Example: `{"box": [[1, 2, 3, 4]]}` -> `[[1, 2, 3, 4]]`; a lone
+    `[1, 2, 3, 4]` is refused (the official format wraps even one box in a list)."""
+    boxes = ele["box"]
+    if not _is_list_like(boxes) or not all(_is_list_like(b) for b in boxes):
+        raise ValueError(f"list_format[{i}]['box'] must be a list of boxes [[x1, y1, x2, y2], ...], "
+                         f"got {_short(boxes)}")
+    return [list(b) for b in boxes]
+
+
+def _is_list_like(value: Any) -> bool:
+    """A list, tuple, array or tensor of things; not a string or a mapping."""
+    return isinstance(value, Iterable) and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
+
+
+def _checked_box(box: Sequence[Any], i: int) -> Sequence[float]:
+    """A box of 4 real numbers in [0, 1000) with x1 <= x2 and y1 <= y2, or a ValueError naming it.
+
+    The model reads boxes only in that space (qwen_vl.md §7.7): pixel coordinates or swapped corners would be
+    written as they are and mean a different box. Convert pixels with `from_pixels`.
+    """
+    where = f"list_format[{i}] box {_short(box)}"
+    if len(box) != 4:
+        raise ValueError(f"a box needs exactly 4 numbers x1,y1,x2,y2, got {box!r}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        raise ValueError(f"{where}: coordinates must be finite numbers")
+    if not all(0 <= v < 1000 for v in box):
+        raise ValueError(f"{where}: coordinates must be in [0, 1000) (normalised, not pixels: see from_pixels)")
+    if box[0] > box[2] or box[1] > box[3]:
+        raise ValueError(f"{where}: needs x1 <= x2 and y1 <= y2 (top-left corner first)")
+    return box
 
 
 def _coords_text(box: Sequence[float]) -> str:
@@ -137,12 +186,48 @@ def _append_text(out: list[dict[str, str]], text: str) -> None:
         out.append({"text": text})
 
 
+def check_history(history: Any) -> None:
+    """ValueError naming the first bad turn unless `history` is None or a list of (query, response) pairs,
+    each query a string and each response a string or None (the official chat history; JSON gives lists).
+
+    Example: `check_history([("hi", "hello"), ["again", None]])` passes; `check_history(["hi"])` raises
+    "history[0] must be a (query, response) pair, got 'hi'".
+    """
+    if history is None:
+        return
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"history must be a list of (query, response) pairs, got {_short(history)}")
+    for i, turn in enumerate(history):
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise ValueError(f"history[{i}] must be a (query, response) pair, got {_short(turn)}")
+        if not isinstance(turn[0], str):
+            raise ValueError(f"history[{i}][0], the query, must be a string, got {_short(turn[0])}")
+        if turn[1] is not None and not isinstance(turn[1], str):
+            raise ValueError(f"history[{i}][1], the response, must be a string or None, got {_short(turn[1])}")
+
+
+def check_text(name: str, value: Any) -> None:
+    """ValueError unless `value` is a string. Example: `check_text("query", None)` -> "query must be a string,
+    got None"."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut to `limit` characters, with its type unless None."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if value is None or isinstance(value, str) else f"{type(value).__name__} {text}"
+
+
 def _fetch_latest_picture(response: str, history: Sequence[Sequence[str | None]] | None) -> str | None:
     """Official: the last image in `response`, else in the newest earlier QUERY (responses are not searched).
 
     Example: `_fetch_latest_picture("no image", [("Picture 1: <img>a.jpg</img>", "see <img>r.jpg</img>")])`
     -> `"a.jpg"`.
     """
+    check_text("response", response)
+    check_history(history)
     turns = list(history or []) + [(response, None)]
     for query, _ in reversed(turns):
         for ele in reversed(to_list_format(query)):
@@ -163,7 +248,10 @@ def _fetch_all_box_with_ref(text: str) -> list[dict[str, Any]]:
     for i, ele in enumerate(elements):
         if "box" not in ele:
             continue
-        coords = tuple(int(v) for v in ele["box"].replace("(", "").replace(")", "").split(","))
+        try:
+            coords = tuple(int(v) for v in ele["box"].replace("(", "").replace(")", "").split(","))
+        except ValueError:
+            raise ValueError(f"box {ele['box']!r} is not (x1,y1),(x2,y2) in integers") from None
         if len(coords) != 4:
             raise ValueError(f"box {ele['box']!r} has {len(coords)} numbers, expected 4")
         output.append({"box": coords})
@@ -244,6 +332,16 @@ def parse_boxes(text: str, fmt: BoxFormat = BoxFormat.QWEN_VL) -> list[Box]:
             ref = None
         last_end = end
     return boxes
+
+
+def malformed_boxes(text: str, fmt: BoxFormat = BoxFormat.QWEN_VL) -> list[str]:
+    """The bodies of the closed box tags that `parse_boxes` skips, to tell a user why nothing was drawn.
+
+    Example: `malformed_boxes("<box>(1,2),(3)</box><box>(1,2),(3,4)</box>")` -> `["(1,2),(3)"]`.
+    """
+    spec = _FORMATS[fmt]
+    return [body for kind, body, _, _ in _closed_elements(text, spec)
+            if kind == "box" and not spec.box_re.fullmatch(body)]
 
 
 def format_box(box: Box, fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:

@@ -12,10 +12,11 @@ Field names are the official `config.json` names. Two layouts of that file exist
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config import read_json_object
 
 VISION_ACTS = ("quick_gelu", "gelu", "silu")
 
@@ -130,13 +131,7 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Qwen2VLConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such config file: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(read_json_object(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The hub (flat) layout of config.json."""

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .config import read_json_object
 from .processor import VisionProcessorConfig
 from .qwen2_vl import Qwen2VL
 from .qwen2_vl_config import Qwen2VLConfig
@@ -61,7 +62,7 @@ def load_config(model_dir: str | Path) -> Qwen2VLConfig:
 
 def load_processor_config(model_dir: str | Path) -> VisionProcessorConfig:
     path = Path(model_dir) / "preprocessor_config.json"
-    return VisionProcessorConfig.from_dict(json.loads(path.read_text())) if path.is_file() else VisionProcessorConfig()
+    return VisionProcessorConfig.from_dict(read_json_object(path)) if path.is_file() else VisionProcessorConfig()
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = "auto") -> Qwen2VL:

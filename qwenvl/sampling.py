@@ -4,6 +4,8 @@ the official `generation_config.json` values mean what they meant there.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,10 @@ class SamplingParams:
     stop_words_ids: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        _check_number("max_new_tokens", self.max_new_tokens, numbers.Integral)
+        _check_number("top_k", self.top_k, numbers.Integral)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _check_number(name, getattr(self, name), numbers.Real)
         if self.max_new_tokens < 1:
             raise ValueError(f"{self.max_new_tokens=} must be >= 1")
         if self.temperature < 0:
@@ -37,6 +43,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def _check_number(name: str, value: object, kind: type) -> None:
+    """ValueError unless `value` is a finite `kind` (bools, strings and NaN are refused by name).
+
+    Example: `_check_number("temperature", float("nan"), numbers.Real)` -> "temperature must be a finite
+    number, got nan" (NaN would pass every range check below and sample from NaN probabilities)."""
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        what = "an integer" if kind is numbers.Integral else "a finite number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -131,12 +131,16 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    min_pixels: int | None = None        # Qwen2-VL only (ignored by v1): per-image pixel limits
+    min_pixels: int | None = None        # Qwen2-VL only (a 400 on v1): per-image pixel limits
     max_pixels: int | None = None
 
 
+# Refused unless absent or a no-op (None, False, 0, [], {}): a client asking for them would get answers
+# without them and not know.
 _UNSUPPORTED = {"tools": "tools", "functions": "function calling", "tool_choice": "tools",
-                "function_call": "function calling", "logprobs": "logprobs", "response_format": "response_format"}
+                "function_call": "function calling", "logprobs": "logprobs", "response_format": "response_format",
+                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                "logit_bias": "logit_bias"}
 
 
 def parse_chat_request(body: Any, config: ServeConfig) -> ChatRequest:
@@ -157,7 +161,8 @@ def parse_chat_request(body: Any, config: ServeConfig) -> ChatRequest:
                             "per request", "messages")
     stream = _typed(body, "stream", bool) or False
     options = _typed(body, "stream_options", dict) or {}
-    return ChatRequest(messages, sources, stream=stream, include_usage=bool(options.get("include_usage")),
+    include_usage = _typed(options, "include_usage", bool) or False
+    return ChatRequest(messages, sources, stream=stream, include_usage=include_usage,
                        temperature=_number(body, "temperature", 0.0, MAX_TEMPERATURE),
                        top_p=_number(body, "top_p", 0.0, 1.0), max_tokens=_max_tokens(body),
                        stop=_stop(body.get("stop")), seed=_seed(body.get("seed")),
@@ -440,6 +445,7 @@ def _add_routes(app: FastAPI, state: _State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         req = parse_chat_request(await _read_json(request), state.config)
+        _check_pixel_limits(state.family, req)
         load = functools.partial(load_images, req.image_sources, state.family, state.policy, req.min_pixels,
                                  req.max_pixels)
         if state.family.grids_in_prompt:             # Qwen2-VL: the prompt's length depends on the images
@@ -458,6 +464,13 @@ def _add_routes(app: FastAPI, state: _State) -> None:
             return StreamingResponse(_sse(job, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await job.complete(request)
+
+
+def _check_pixel_limits(family, req: ChatRequest) -> None:
+    try:
+        family.check_pixel_limits(req.min_pixels, req.max_pixels)
+    except ValueError as e:
+        raise APIError(400, str(e), "min_pixels" if req.min_pixels is not None else "max_pixels") from None
 
 
 def _check_roles(messages: list[Message]) -> None:

@@ -11,6 +11,7 @@ Supported layouts: `model.safetensors`; sharded safetensors with `model.safetens
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -87,20 +88,32 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
     trim = TrimEvery(TRIM_BYTES)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:        # before reading: a garbage length would allocate up to 2**64 bytes
+                raise ValueError(f"the header length {n:,} does not fit in the file of {size:,} bytes")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
             for key, info in header.items():
                 if key != "__metadata__":
-                    tensor = _read_one(f, 8 + n, info)
+                    tensor = _read_one(f, 8 + n, info, size)
                     yield key, tensor
                     trim.add(tensor.nbytes)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
 
 
-def _read_one(f, base: int, info: dict) -> Tensor:
+def _read_one(f, base: int, info: dict, size: int) -> Tensor:
     begin, end = info["data_offsets"]
     dtype = SAFE_DTYPES[info["dtype"]]
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        raise ValueError(f"bad data_offsets {info['data_offsets']!r}")
+    if base + end > size:
+        raise ValueError(f"the file ends inside tensor data ({begin}..{end})")
+    n_bytes = math.prod(info["shape"]) * dtype.itemsize
+    if n_bytes != end - begin:
+        raise ValueError(f"shape {info['shape']} of {info['dtype']} is {n_bytes} bytes, data_offsets say {end - begin}")
     raw = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(base + begin)
     if f.readinto(raw.numpy()) != end - begin:

@@ -122,3 +122,38 @@ def test_untrusted_text_yields_no_special_ids_and_opens_nothing(chat_model, monk
     with torch.no_grad():
         model(torch.tensor([ids]))
     assert opened == []
+
+
+@pytest.mark.parametrize("query, history, system, fragment", [
+    (None, None, "s", "query must be a string, got None"),
+    (5, None, "s", "query must be a string, got int 5"),
+    ("hi", None, None, "system must be a string, got None"),
+    ("hi", "earlier", "s", "history must be a list of (query, response) pairs, got 'earlier'"),
+    ("hi", ["q1", "a1"], "s", "history[0] must be a (query, response) pair, got 'q1'"),
+    ("hi", [("q", "a", "extra")], "s", "history[0] must be a (query, response) pair"),
+    ("hi", [("q", "a"), (None, "a")], "s", "history[1][0], the query, must be a string, got None"),
+    ("hi", [("q", 7)], "s", "history[0][1], the response, must be a string or None, got int 7"),
+])
+def test_malformed_conversations_are_refused_by_name(tokenizer, query, history, system, fragment):
+    with pytest.raises(ValueError) as info:
+        make_context(tokenizer, query, history, system)
+    assert fragment in str(info.value)
+
+
+def test_history_as_json_lists_and_unanswered_turns_still_work(tokenizer):
+    as_tuples = make_context(tokenizer, "now?", [("q", "a"), ("q2", None)], "s")
+    assert make_context(tokenizer, "now?", [["q", "a"], ["q2", None]], "s") == as_tuples
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"temperature": float("nan"), "do_sample": True}, "temperature must be a finite number, got nan"),
+    ({"top_p": float("inf"), "do_sample": True}, "top_p must be a finite number, got inf"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+    ({"max_new_tokens": "5"}, "max_new_tokens must be an integer, got '5'"),
+    ({"top_k": True}, "top_k must be an integer, got True"),
+])
+def test_generation_arguments_of_the_wrong_type_are_refused_by_name(chat_model, kwargs, fragment):
+    model, tok = chat_model
+    with pytest.raises(ValueError) as info:
+        model.chat(tok, "hi", **kwargs)
+    assert fragment in str(info.value)

@@ -20,6 +20,7 @@ from qwenvl.grounding import (
     format_boxes,
     from_list_format,
     from_pixels,
+    malformed_boxes,
     parse_boxes,
     strip_grounding,
     to_list_format,
@@ -155,6 +156,57 @@ def test_list_format_errors() -> None:
         from_list_format([{"box": [[1, 2, 3]]}])
     with pytest.raises(ValueError, match="4"):
         _fetch_all_box_with_ref("<box>(1,2),(3,4),(5,6)</box>")
+
+
+@pytest.mark.parametrize("items, fragment", [
+    ([{"box": [1, 2, 3, 4]}], "list_format[0]['box'] must be a list of boxes [[x1, y1, x2, y2], ...], got list"),
+    ([{"box": None}], "must be a list of boxes"),
+    ([{"text": "a"}, {"box": [[900, 2, 100, 4]]}], "list_format[1] box list [900, 2, 100, 4]: needs x1 <= x2"),
+    ([{"box": [[0, 0, 1000, 20]]}], "coordinates must be in [0, 1000) (normalised, not pixels"),
+    ([{"box": [[-5, 0, 10, 10]]}], "coordinates must be in [0, 1000)"),
+    ([{"box": [[float("nan"), 0, 10, 10]]}], "coordinates must be finite numbers"),
+    ([{"box": [["1", "2", "3", "4"]]}], "coordinates must be finite numbers"),
+    ([{"ref": 5, "box": [[1, 2, 3, 4]]}], "list_format[0]['ref'] must be a string, got int 5"),
+    ([{"image": None}], "list_format[0]['image'] (a path or URL) must be a string, got None"),
+    ([{"image": "a.png</img>evil.png"}], "contains <img> or </img>"),
+    ([{"text": 3}], "list_format[0]['text'] must be a string, got int 3"),
+    ("hello", "list_format must be a list of dicts, got 'hello'"),
+])
+def test_from_list_format_refuses_malformed_elements_by_name(items, fragment) -> None:
+    with pytest.raises(ValueError) as info:
+        from_list_format(items)
+    assert fragment in str(info.value)
+
+
+def test_from_list_format_keeps_the_official_number_writing() -> None:
+    import numpy as np
+
+    assert from_list_format([{"box": [[500.7, 1.2, 999.9, 998], np.array([1, 2, 3, 4])]}]) == \
+        "<box>(500,1),(999,998)</box><box>(1,2),(3,4)</box>"
+
+
+def test_fetch_all_box_with_ref_names_a_non_numeric_box() -> None:
+    with pytest.raises(ValueError, match=r"box '\(a,2\),\(3,4\)' is not \(x1,y1\),\(x2,y2\) in integers"):
+        _fetch_all_box_with_ref("<box>(a,2),(3,4)</box>")
+
+
+@pytest.mark.parametrize("response, history, fragment", [
+    ("<box>(1,1),(9,9)</box>", "Picture 1: <img>a.png</img>", "history must be a list of (query, response) pairs"),
+    ("<box>(1,1),(9,9)</box>", [None], "history[0] must be a (query, response) pair, got None"),
+    ("<box>(1,1),(9,9)</box>", [{"q": "a"}], "history[0] must be a (query, response) pair, got dict"),
+    (None, [], "response must be a string, got None"),
+])
+def test_draw_bbox_on_latest_picture_refuses_a_malformed_history(response, history, fragment) -> None:
+    with pytest.raises(ValueError) as info:
+        draw_bbox_on_latest_picture(response, history, load_image=lambda s: Image.new("RGB", (8, 8)))
+    assert fragment in str(info.value)
+
+
+def test_malformed_boxes_lists_what_parse_boxes_skips() -> None:
+    text = "<box>(1,2),(3)</box><box>(1,2),(3,4)</box><box>(-5,0),(1,1)</box><box>(1,2"
+    assert malformed_boxes(text) == ["(1,2),(3)", "(-5,0),(1,1)"]
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in parse_boxes(text)] == [(1, 2, 3, 4)]
+    assert malformed_boxes("<|box_start|>(1,2)<|box_end|>", BoxFormat.QWEN2_VL) == ["(1,2)"]
 
 
 def test_fetch_latest_picture_without_history() -> None:

@@ -160,6 +160,18 @@ def test_over_the_visual_budget_is_a_400(model, tokenizer):
                                               extra_body={"max_pixels": 3})
 
 
+@pytest.mark.parametrize("limits, fragment", [
+    ({"min_pixels": 200_000, "max_pixels": 10_000}, "min_pixels=200000 is larger than max_pixels=10000"),
+    ({"max_pixels": 784}, "min_pixels=3136 (the checkpoint's default) is larger than max_pixels=784"),
+])
+def test_pixel_limits_that_leave_no_size_are_a_400_not_a_500(model, tokenizer, limits, fragment):
+    with start(model, tokenizer) as s:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(s).chat.completions.create(model="tiny2", messages=image_messages(random_image(100, 150, 0)),
+                                              max_tokens=2, extra_body=limits)
+    assert fragment in str(info.value)
+
+
 class ScriptedQwen2(torch.nn.Module):
     """The tiny model forced to answer `script` then <|im_end|> (one request at a time)."""
 
@@ -204,3 +216,10 @@ def test_cli_chat_with_an_image(model_dir, capsys):
     assert "error" not in captured.err and captured.out.strip()
     assert main(["chat", "--model", str(model_dir), "--image", "/no/such.png", "--dtype", "float32", "q"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_pixel_limits_that_leave_no_size_are_refused_before_any_question(model_dir, capsys):
+    argv = ["chat", "--model", str(model_dir), "--dtype", "float32", "--min-pixels", "200000", "--max-pixels", "10000",
+            "--image", str(model_dir / "x.png"), "q"]
+    assert main(argv) == 2
+    assert "min_pixels=200000 is larger than max_pixels=10000" in capsys.readouterr().err

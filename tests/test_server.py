@@ -466,6 +466,18 @@ HOSTILE = [
     ("stream not bool", {**_user({"type": "text", "text": "hi"}), "stream": "yes"}, 400, "stream"),
     ("unknown model", {**_user({"type": "text", "text": "hi"}), "model": "gpt-4"}, 404, "does not exist"),
     ("streamed bad image", {**_user(_img("/etc/passwd")), "stream": True}, 400, "local files"),
+    ("presence_penalty", {**_user({"type": "text", "text": "hi"}), "presence_penalty": 1.5}, 400,
+     "presence_penalty is not supported"),
+    ("frequency_penalty", {**_user({"type": "text", "text": "hi"}), "frequency_penalty": "x"}, 400,
+     "frequency_penalty is not supported"),
+    ("logit_bias", {**_user({"type": "text", "text": "hi"}), "logit_bias": {"5": 100}}, 400,
+     "logit_bias is not supported"),
+    ("include_usage not bool", {**_user({"type": "text", "text": "hi"}), "stream": True,
+                                "stream_options": {"include_usage": "yes"}}, 400, "include_usage must be a bool"),
+    ("min_pixels on Qwen-VL", {**_user({"type": "text", "text": "hi"}), "min_pixels": 1000}, 400,
+     "min_pixels applies to Qwen2-VL models only"),
+    ("max_pixels on Qwen-VL", {**_user({"type": "text", "text": "hi"}), "max_pixels": 1000}, 400,
+     "max_pixels applies to Qwen2-VL models only"),
 ]
 
 
@@ -477,6 +489,13 @@ def test_hostile_request_gets_its_4xx(name, body, status, fragment, safe_server)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_no_op_penalties_are_accepted(safe_server):
+    body = {**_user({"type": "text", "text": "hi"}), "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "logit_bias": {}}
+    r = httpx.post(safe_server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_hostile_urls_timeouts_and_http_errors(server, image_host):

@@ -177,3 +177,53 @@ def test_atomic_write_leaves_an_ordinary_readable_file_and_no_temporary(tmp_path
     assert (tmp_path / "config.json").read_text() == "{}"
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644      # mkstemp alone gives 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda good: (2**62).to_bytes(8, "little") + b"{}", "header length 4,611,686,018,427,387,904 does not fit"),
+    (lambda good: b"", "header length 0 does not fit in the file of 0 bytes"),
+    (lambda good: (2).to_bytes(8, "little") + b"[]", "the header is a JSON list"),
+    (lambda good: _with_header(good, lambda info: {**info, "data_offsets": [8, 0]}), "bad data_offsets [8, 0]"),
+    (lambda good: _with_header(good, lambda info: {**info, "shape": [1000]}), "shape [1000] of F32 is 4000 bytes"),
+])
+def test_a_garbage_safetensors_header_is_a_checkpoint_error_not_a_crash(tmp_path, make, fragment):
+    from qwenvl.weights import iter_tensors
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(2, 2)}, str(path))
+    path.write_bytes(make(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=fragment.replace("[", r"\[")):
+        list(iter_tensors(path))
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """The safetensors file `data` with its one tensor's header entry edited (data unchanged)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["w"] = edit(header["w"])
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"visual": None}, "'visual' must be an object"),
+    ({"visual": {"zzz": 1}}, "'visual' has keys this Qwen-VL implementation does not know: ['zzz']"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive int, got -1"),
+    ({"hidden_size": "big"}, "hidden_size must be a positive int, got 'big'"),
+    ({"layer_norm_epsilon": None}, "layer_norm_epsilon must be a positive number, got None"),
+])
+def test_config_values_of_the_wrong_type_or_sign_are_refused_by_name(change, fragment):
+    raw = json.loads((TINY / "config.json").read_text())
+    if isinstance(change.get("visual"), dict):
+        change = {"visual": {**raw["visual"], **change["visual"]}}
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        QWenConfig.from_dict({**raw, **change})
+
+
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{tmp_path}/config.json must hold a JSON object"):
+        QWenConfig.from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        QWenConfig.from_json(tmp_path / "config.json")
