@@ -112,11 +112,12 @@ def add_quantize_parser(sub) -> None:
     quant = sub.add_parser("quantize", help="int8 / int4 weight-only quantization of the LLM linears")
     quant.add_argument("--model", type=Path, required=True, help="float checkpoint folder")
     quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    quant.add_argument("--group-size", type=int, default=128, help="int4 group size (inputs per scale)")
+    quant.add_argument("--group-size", type=int, default=None, help="int4 group size (inputs per scale; default 128)")
     quant.add_argument("--asym", action="store_true", help="int4 with zero points instead of symmetric")
     quant.add_argument("--calibration", type=Path, help="int4 by GPTQ: calibration samples in the fine-tune JSON "
                        "format (conversations with Picture N: <img>…</img>); without it, round-to-nearest")
-    quant.add_argument("--calibration-samples", type=int, default=128, help="GPTQ: how many samples to use")
+    quant.add_argument("--calibration-samples", type=int, default=None,
+                       help="GPTQ: how many samples to use (default 128)")
     quant.add_argument("--out", type=Path, required=True, help="folder for the quantized checkpoint")
 
 
@@ -206,6 +207,8 @@ def gptq_quantize(model, args: argparse.Namespace) -> dict:
 
     if args.bits != 4:
         raise ValueError("--calibration (GPTQ) is for --bits 4; int8 per output channel needs no calibration")
+    if args.calibration_samples is None:
+        args.calibration_samples = 128
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration-samples {args.calibration_samples}: use at least 1")
     check_group_size(model, args.group_size)                      # before the calibration pass, not after
@@ -213,6 +216,19 @@ def gptq_quantize(model, args: argparse.Namespace) -> dict:
     batches = calibration_batches(args.calibration, tokenizer, model.config.visual.image_size,
                                   args.calibration_samples)
     return gptq_quantize_model(model, collect_hessians(model, batches), args.group_size, sym=not args.asym)
+
+
+def check_quantize_args(args: argparse.Namespace) -> None:
+    """Flags that would be ignored, and an --out that would overwrite a checkpoint (the input's included) or
+    cannot be a folder, are refused before the model loads; fills the int4 default group size."""
+    from .weights import check_new_checkpoint_dir
+
+    if args.bits == 8 and (args.group_size is not None or args.asym):
+        raise ValueError("--group-size and --asym are for --bits 4; int8 has one symmetric scale per output channel")
+    if args.calibration is None and args.calibration_samples is not None:
+        raise ValueError("--calibration-samples needs --calibration FILE (GPTQ)")
+    args.group_size = 128 if args.group_size is None else args.group_size
+    check_new_checkpoint_dir(args.out, args.model)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -223,6 +239,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .weights import load_generation_config, load_model, save_checkpoint
 
     try:
+        check_quantize_args(args)
         model = load_model(args.model, dtype="float32")
         if model.config.quantization_config:
             raise ValueError(f"{args.model} is already quantized ({model.config.quantization_config})")
@@ -338,6 +355,7 @@ class Qwen2ChatSession(ChatSession):
         super().__init__(model, tokenizer, args)
         self.family = family
         family.check_pixel_limits(args.min_pixels, args.max_pixels)     # before any question, not at the first image
+        self.params = _qwen2_sampling(args, args.model or default_model_dir())   # a bad generation_config.json too
         self.pending_videos = list(args.video)              # asked with the first question
 
     def ask(self, question: str, images: list[str], draw: Path | None) -> bool:
@@ -383,7 +401,7 @@ class Qwen2ChatSession(ChatSession):
         ids = render_ids(messages, self.tokenizer, vision.image_grid_thw, vision.video_grid_thw,
                          self.family.merge_size, default_system=DEFAULT_SYSTEM)
         stops = [s[0] for s in self.family.stop_words_ids(self.tokenizer)]
-        params = _qwen2_sampling(self.args, self.args.model or default_model_dir())
+        params = self.params
         tok, shown, out = self.tokenizer, "", []
         for step in generate_stream(self.model, torch.tensor([ids]), params, vision=vision, generator=self.generator,
                                     eos_token_id=stops, step=fast_step(self.model)):
@@ -437,14 +455,17 @@ def _save_drawing(picture, out: Path) -> None:
 
 def _qwen2_sampling(args: argparse.Namespace, model_dir: Path):
     """generation_config.json's sampling values (when the folder has one), --greedy and --max-new-tokens on top."""
-    import json
-
+    from .config import read_json_object
     from .sampling import SamplingParams
 
     path = Path(model_dir) / "generation_config.json"
-    raw = json.loads(path.read_text()) if path.is_file() else {}
-    keys = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+    raw = read_json_object(path) if path.is_file() else {}
+    keys = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
     values = {k: raw[k] for k in keys if raw.get(k) is not None}
+    try:
+        SamplingParams(**values)                          # the file's own values, checked before the overrides
+    except ValueError as e:
+        raise ValueError(f"{path}: {str(e).removeprefix('self.')}") from None
     if args.greedy:
         values["do_sample"] = False
     values["max_new_tokens"] = args.max_new_tokens or raw.get("max_new_tokens") or 512

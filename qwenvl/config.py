@@ -121,6 +121,10 @@ class QWenConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "QWenConfig":
         """Build from the official config.json dict; unknown keys that matter are refused."""
+        if raw.get("model_type") == "qwen2_vl":
+            raise ValueError("config.json is a Qwen2-VL checkpoint's (model_type qwen2_vl); quantize, finetune "
+                             "and merge-lora read Qwen-VL checkpoints only (Qwen2-VL: qwenvl chat / serve, "
+                             "eval --endpoint)")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)} - _IGNORED_KEYS
         if unknown:
             raise ValueError(f"config.json has keys this Qwen-VL implementation does not know: {sorted(unknown)}")
@@ -161,13 +165,25 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop_words_ids: list[list[int]] | None = None
 
+    def __post_init__(self) -> None:
+        """The sampling fields must make valid SamplingParams: a bad value fails on load, not at the first question."""
+        from .sampling import SamplingParams
+
+        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "GenerationConfig":
         return cls(**_known(cls, raw))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GenerationConfig":
-        return cls.from_dict(read_json_object(path))
+        """Example: {"temperature": -1} -> "DIR/generation_config.json: temperature=-1 must be >= 0"."""
+        raw = read_json_object(path)
+        try:
+            return cls.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {str(e).removeprefix('self.')}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

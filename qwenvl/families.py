@@ -159,7 +159,7 @@ class QwenVLFamily:
     def span_hint(self, tokenizer) -> str:
         return f"each of its images takes {tokenizer.image_span + 2}"
 
-    def check_budget(self, images: list, max_visual_tokens: int) -> None:
+    def check_budget(self, images: list, max_visual_tokens: int, min_pixels: int | None = None) -> None:
         """v1 images are a fixed number of tokens each: nothing to check."""
 
     def boxes(self, text: str, width: int, height: int) -> list[tuple]:
@@ -273,12 +273,13 @@ class Qwen2VLFamily(QwenVLFamily):
             hi_text = f"{hi}" if max_pixels else f"{hi} (the checkpoint's default)"
             raise ValueError(f"min_pixels={lo_text} is larger than max_pixels={hi_text}; no image size fits both")
 
-    def check_budget(self, images: list, max_visual_tokens: int) -> None:
-        """VisualBudgetError (a ValueError) naming the count when the images need too many tokens."""
+    def check_budget(self, images: list, max_visual_tokens: int, min_pixels: int | None = None) -> None:
+        """VisualBudgetError (a ValueError) naming the count when the images need too many tokens; `min_pixels`
+        is the request's (None: the checkpoint's), which the hint names when it is what enlarges the images."""
         from .processor import check_visual_budget
 
         grids = [torch.tensor([img.grid_thw for img in images], dtype=torch.long)] if images else []
-        check_visual_budget(grids, max_visual_tokens, self.merge_size)
+        check_visual_budget(grids, max_visual_tokens, self.merge_size, min_pixels or self.processor.min_pixels)
 
     def render(self, messages: list[Message], tokenizer, images: list[LoadedVisual], system: str) -> list[int]:
         from .qwen2_vl_chat import render_ids
@@ -311,4 +312,5 @@ class Qwen2VLFamily(QwenVLFamily):
         return tokenizer.decode(ids, skip_special_tokens=False)
 
     def span_hint(self, tokenizer) -> str:
-        return "its images take one token per 28x28 pixels (lower max_pixels to shrink them)"
+        return ("its images take one token per 28x28 pixels, at least min_pixels and at most max_pixels each "
+                "(lower them to shrink the images)")

@@ -32,9 +32,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, per_sample_loss
+from .data import IGNORE_INDEX, DataError, per_sample_loss
 from .finetune_data import Example, load_examples, make_batch
 from .lora import BASE_MODEL_MODULES_TO_SAVE, LoraSpec, apply_lora, unwrap_lora
 from .peft_format import PREFIX, adapter_keys, load_adapter, save_adapter
@@ -51,11 +53,16 @@ from .quantize import quantize_model
 from .tokenizer import QWenTokenizer
 from .train import (LossLog, adamw, atomic_torch_save, autocast, cosine_lr, plot_losses, resolve_train_dtype,
                     set_trainable)
-from .weights import DTYPES, load_config, load_generation_config, load_model, save_checkpoint, write_checkpoint
+from .weights import (DTYPES, check_new_checkpoint_dir, load_config, load_generation_config, load_model,
+                      save_checkpoint, write_checkpoint)
 
 METHODS = ("full", "lora", "qlora")
 PARTS = ("vit", "adapter", "llm")
 STATE, FINISHED = Path("checkpoint") / "state.pt", "finished.json"
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the message says which step the checkpoint holds and how to resume."""
 
 
 @dataclass
@@ -107,10 +114,25 @@ class FinetuneArgs:
                   (min(self.batch_size, self.grad_accum, self.save_every) >= 1,
                    "batch_size, grad_accum and save_every must be >= 1"),
                   (self.method == "full" or set(self.train) <= {"adapter"}, "with LoRA, train may only add 'adapter'"),
-                  (not (self.merge and self.method == "full"), "merge is for LoRA adapters")]
+                  (not (self.merge and self.method == "full"), "merge is for LoRA adapters"),
+                  *self._number_checks()]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.method != "full":
+            LoraSpec(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)   # its checks, before loading
+
+    def _number_checks(self) -> list[tuple[bool, str]]:
+        """Values that would train nothing or diverge silently (lr 0, epochs 0 = one step, max_steps 0 = epochs).
+        epochs counts only without max_steps, which overrides it."""
+        inf = math.inf
+        return [(0 < self.lr < inf, f"lr {self.lr}: must be a number > 0"),
+                (self.max_steps is not None or 0 < self.epochs < inf, f"epochs {self.epochs}: must be a number > 0"),
+                (self.max_steps is None or self.max_steps >= 1, f"max_steps {self.max_steps}: must be >= 1"),
+                (0 <= self.weight_decay < inf, f"weight_decay {self.weight_decay}: must be a number >= 0"),
+                (0 <= self.warmup_ratio <= 1, f"warmup_ratio {self.warmup_ratio}: must be in [0, 1]"),
+                (0 <= self.max_grad_norm < inf, f"max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables)"),
+                (self.max_len >= 1, f"max_len {self.max_len}: must be >= 1")]
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one (+ a hash of the data file)."""
@@ -398,7 +420,7 @@ def load_train_state(run: Run) -> int:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = run.args.out / STATE
-    state = torch.load(path, map_location="cpu", weights_only=False)   # our own file (holds plain Python too)
+    state = read_train_state(path)
     ours, theirs = run.args.fingerprint(), state["run"]
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if diff:
@@ -407,6 +429,22 @@ def load_train_state(run: Run) -> int:
     set_model_state_dict(run.engine, {"model." + k: v for k, v in state["model"].items()}, options=options)
     set_optimizer_state_dict(run.engine, run.opt, state["optimizer"], options=options)
     return int(state["step"])
+
+
+def read_train_state(path: Path) -> dict:
+    """The checkpoint file, or a ValueError saying it is unreadable and what to do (writes are atomic, so a
+    bad file was damaged or replaced from outside)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file (holds plain Python too)
+    except Exception as e:          # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, OSError...
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path} is not a readable training checkpoint ({reason}): delete it to start the run "
+                         "over, or use another --out") from None
+    keys = {"step", "model", "optimizer", "run"}
+    if not isinstance(state, dict) or not keys <= state.keys():
+        raise ValueError(f"{path} is not a qwenvl fine-tune checkpoint (it needs the keys {sorted(keys)}): "
+                         "delete it to start the run over, or use another --out")
+    return state
 
 
 def write_result(run: Run) -> None:
@@ -432,6 +470,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     The base must be a float checkpoint: a Q-LoRA adapter merges into the float model it was quantized from.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_new_checkpoint_dir(out_dir, model_dir)
     config = load_config(model_dir)
     if config.quantization_config:
         raise ValueError(f"{model_dir} is quantized: merge the adapter into the float model instead")
@@ -464,11 +503,24 @@ def finetune(args: FinetuneArgs) -> dict:
             dist.destroy_process_group()
 
 
+def prepare_out(out: Path, model: Path) -> None:
+    """Create OUT before the model loads, or say why it cannot be the run's folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    if out.exists() and out.resolve() == model.resolve():
+        raise ValueError(f"--out {out} is the model folder: the result would overwrite its files")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror}: {e.filename})") from None
+    if (out / FINISHED).is_file():
+        raise ValueError(f"{out} already holds a finished run ({FINISHED}): choose another --out")
+
+
 def _finetune(args: FinetuneArgs, world: World) -> dict:
-    if (args.out / FINISHED).is_file():
-        raise ValueError(f"{args.out} already holds a finished run ({FINISHED}): choose another --out")
+    prepare_out(args.out, args.model)
     run = start_run(args, world)
-    step = load_train_state(run) if (args.out / STATE).is_file() else 0
+    step = load_train_state(run) if (args.out / STATE).exists() else 0
     log = LossLog(args.out / "loss.csv", step, args.method) if world.main else None
     loss = train_loop(run, step, log)
     if loss is None and log is not None and LossLog.read(log.path):         # resumed after the last step
@@ -476,6 +528,7 @@ def _finetune(args: FinetuneArgs, world: World) -> dict:
     write_result(run)
     if world.main:
         if args.merge:
+            shutil.rmtree(args.out / "merged", ignore_errors=True)     # a merge cut short before (no finished.json)
             merge_adapter(args.model, args.out, args.out / "merged")
         plot_losses(args.out / "loss.csv", args.out / "loss.png")
         summary = {"steps": run.steps, "last_loss": loss, "samples": len(run.examples),
@@ -507,23 +560,62 @@ def train_loop(run: Run, step: int, log: LossLog | None) -> float | None:
     """Optimizer steps `step`..steps-1: one CSV row each, a checkpoint every save_every steps and at the end."""
     args, world = run.args, run.world
     warmup = math.ceil(args.warmup_ratio * run.steps)
-    t0, start, loss = time.time(), step, None
-    while step < run.steps:
-        torch.manual_seed(step_seed(args.seed, step, world.rank))          # dropout: same masks after a resume
-        local = train_step(run, step)
-        lr = cosine_lr(step, run.steps, args.lr, warmup, floor=0.0)
-        optimizer_step(run, lr)
-        loss, step = all_sum(local, world), step + 1
-        if log is not None:
-            rate = (step - start) * run.global_batch / max(time.time() - t0, 1e-9)
-            log.append(step=step, stage=args.method, loss=f"{loss:.6f}", lr=f"{lr:.6e}", samples_per_s=f"{rate:.2f}")
-            if args.progress:
-                _progress(step, run.steps, loss, lr, rate, (run.steps - step) * run.global_batch / max(rate, 1e-9))
-        if step % args.save_every == 0 or step == run.steps:
-            save_train_state(run, step)
-            if log is not None:
-                plot_losses(args.out / "loss.csv", args.out / "loss.png")
+    t0, start, loss, saved = time.time(), step, None, step
+    try:
+        while step < run.steps:
+            torch.manual_seed(step_seed(args.seed, step, world.rank))      # dropout: same masks after a resume
+            local = train_step(run, step)
+            with _sigint_between_steps():                                   # the update, row and checkpoint: whole
+                lr = cosine_lr(step, run.steps, args.lr, warmup, floor=0.0)
+                optimizer_step(run, lr)
+                loss, step = all_sum(local, world), step + 1
+                if log is not None:
+                    _log_step(run, log, step, loss, lr, (step - start) * run.global_batch / max(time.time() - t0, 1e-9))
+                if step % args.save_every == 0 or step == run.steps:
+                    save_train_state(run, step)
+                    saved = step
+                    if log is not None:
+                        plot_losses(args.out / "loss.csv", args.out / "loss.png")
+    except (KeyboardInterrupt, DataError) as e:        # Ctrl-C, or an image that fails to load at its step
+        raise _stopped(run, step, saved, e) from None
     return loss
+
+
+def _log_step(run: Run, log: LossLog, step: int, loss: float, lr: float, rate: float) -> None:
+    log.append(step=step, stage=run.args.method, loss=f"{loss:.6f}", lr=f"{lr:.6e}", samples_per_s=f"{rate:.2f}")
+    if run.args.progress:
+        _progress(step, run.steps, loss, lr, rate, (run.steps - step) * run.global_batch / max(rate, 1e-9))
+
+
+@contextmanager
+def _sigint_between_steps():
+    """Hold a Ctrl-C that arrives inside the block until its end, so it lands between steps."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _stopped(run: Run, step: int, saved: int, cause: BaseException) -> Exception:
+    """Checkpoint the `step` finished steps (one process; torchrun keeps the last periodic checkpoint) and the
+    error that says what was kept. A step cut short is dropped: its gradients are not in the checkpoint."""
+    if run.world.size == 1 and step > saved:
+        save_train_state(run, step)
+        saved = step
+    path = run.args.out / STATE
+    kept = (f"{path} holds step {saved}/{run.steps}: rerun the same command to resume" if saved else
+            "no step had finished, nothing was kept")
+    if isinstance(cause, KeyboardInterrupt):
+        return TrainingInterrupted(f"interrupted during step {step + 1}/{run.steps}; {kept}")
+    return DataError(f"{cause} (at step {step + 1}/{run.steps}; {kept} once the image is fixed in place: "
+                     "the data file itself must not change)")
 
 
 def _progress(step: int, steps: int, loss: float, lr: float, rate: float, eta_s: float) -> None:

@@ -76,7 +76,7 @@ def _lora_options(ft: argparse.ArgumentParser) -> None:
 
 def run_finetune(ns: argparse.Namespace) -> int:
     from .cli import USER_ERRORS, default_model_dir
-    from .finetune import FinetuneArgs, finetune
+    from .finetune import FinetuneArgs, TrainingInterrupted, finetune
 
     train = None if ns.train is None else tuple(p for p in ns.train.split(",") if p)
     try:
@@ -93,6 +93,13 @@ def run_finetune(ns: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"\nstopped: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:                      # while loading, or while writing the result after the last step
+        print(f"\nstopped: interrupted outside a training step; rerun the same command to resume from "
+              f"{ns.out / 'checkpoint'} if it exists", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

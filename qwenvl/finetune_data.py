@@ -3,9 +3,9 @@
 The file is a list of `{"id", "conversations": [{"from": "user"|"assistant", "value"}]}` (qwen_vl.md §9.1).
 Images are written inline as `Picture N: <img>PATH</img>`; a relative PATH is relative to the JSON file.
 Every sample is checked once, up front, and a problem names the sample id: unknown role, unclosed or
-nested `<img>/<ref>/<box>/<quad>` tags, a box outside [0, 1000) or malformed, a missing image file, a
-sample longer than `max_len` (the official script cuts it silently, which can split an image span;
-`truncate=True` cuts as it does, but refuses a cut inside an image span).
+nested `<img>/<ref>/<box>/<quad>` tags, a box outside [0, 1000) or malformed, a missing image file or one
+that does not open as an image, a sample longer than `max_len` (the official script cuts it silently, which
+can split an image span; `truncate=True` cuts as it does, but refuses a cut inside an image span).
 
 Rendering is `data.render_sft` (the official ids and labels); the ids keep the PATH bytes as written in
 the JSON, so they equal the official ones, and the resolved file is loaded when the batch is built.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .data import IGNORE_INDEX, DataError, Rendered, render_sft
@@ -152,7 +153,25 @@ def load_examples(path: str | Path, tokenizer, max_len: int, system_message: str
         seen.add(sample_id)
         examples.append(render_example(sample_id, conv, tokenizer, path.parent, max_len, system_message,
                                        assistant_only, truncate))
+    first_use: dict[str, str] = {}
+    for e in examples:
+        for src in e.images:
+            first_use.setdefault(src, e.id)
+    for src, sample_id in first_use.items():
+        check_image(src, sample_id)
     return examples
+
+
+def check_image(source: str, sample_id: str) -> None:
+    """A local file must open as an image (header and structure, no full decode), so a file that is not one
+    fails before training, not at its step. URLs are fetched when their batch is built."""
+    if _URL.match(source):
+        return
+    try:
+        with Image.open(source) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as e:   # PIL: UnidentifiedImageError (an OSError), SyntaxError, ...
+        raise DataError(f"sample {sample_id!r}: image {source} is not a readable image ({e})") from None
 
 
 def render_example(sample_id: str, conv: list, tokenizer, base_dir: Path, max_len: int, system_message: str,

@@ -48,6 +48,8 @@ class LoraSpec:
             raise ValueError(f"LoRA rank {self.r=} must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA {self.dropout=} must be in [0, 1)")
+        if not 0 < abs(self.alpha) < math.inf:
+            raise ValueError(f"LoRA {self.alpha=} must be a finite non-zero number (0 scales every update to 0)")
         if not isinstance(self.target_modules, str):
             self.target_modules = tuple(self.target_modules)
         self.modules_to_save = tuple(self.modules_to_save or ())
@@ -125,15 +127,23 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec, generator: torch.Generator | None = None) -> list[str]:
+def apply_lora(model: nn.Module, spec: LoraSpec, generator: torch.Generator | None = None,
+               every_target: bool = True) -> list[str]:
     """Freeze `model`, swap each targeted linear for a LoRALinear, unfreeze the modules to save.
 
-    Returns the swapped module paths; raises if nothing matched (a typo in the targets must not train nothing).
+    Returns the swapped module paths; raises if nothing matched (a typo in the targets must not train nothing),
+    and with `every_target` if any one target in a list matched nothing (a typo must not drop a target silently;
+    loading someone else's adapter passes False, as PEFT accepts targets a model lacks).
     """
     model.requires_grad_(False)
     paths = [name for name, mod in model.named_modules() if matches(name, spec.target_modules) and _is_linear(mod)]
     if not paths:
         raise ValueError(f"no linear module matches the LoRA targets {spec.target_modules!r}")
+    unmatched = [] if isinstance(spec.target_modules, str) or not every_target else \
+        [t for t in spec.target_modules if not any(matches(p, (t,)) for p in paths)]
+    if unmatched:                                  # a typo among several targets must not be dropped silently
+        raise ValueError(f"LoRA targets {unmatched} match no linear module of the model "
+                         f"(targets {spec.target_modules!r})")
     for path in paths:
         wrapped = LoRALinear(model.get_submodule(path), spec.r, spec.scaling, spec.dropout)
         wrapped.reset_lora(generator)

@@ -121,7 +121,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSpec:
     """Wrap `model` with the adapter's LoRA layers and load its tensors; every key must be used exactly."""
     spec, tensors = read_adapter(adapter_dir)
     _resize_for(model, spec, tensors)
-    apply_lora(model, spec)
+    apply_lora(model, spec, every_target=False)
     expected = _adapter_params(model, spec)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -269,18 +269,22 @@ def preprocess_video(frames: Sequence[Image.Image] | str | Path, video_fps: floa
 # --------------------------------------------------------------------------------------- budget
 
 
-def check_visual_budget(grids: Sequence[Tensor | None], max_visual_tokens: int, merge_size: int = 2) -> int:
+def check_visual_budget(grids: Sequence[Tensor | None], max_visual_tokens: int, merge_size: int = 2,
+                        min_pixels: int | None = None) -> int:
     """The number of visual tokens of all grids, or VisualBudgetError when it is over the budget.
 
     Example: grids [[1, 78, 138]] (a 1080p image at hub limits, 2691 tokens) with a budget of 1024 raises
-    with the count and the per-image/video max_pixels that would fit.
+    with the count and the per-image/video max_pixels that would fit. When `min_pixels` (the limit in effect)
+    is above that size, every image is enlarged to it, so the hint names min_pixels instead.
     """
     counts = [c for g in grids if g is not None for c in vision_token_counts(g, merge_size)]
     total = sum(counts)
     if total > max_visual_tokens:
-        per_item = max(max_visual_tokens // max(len(counts), 1), 4)
+        fits = max(max_visual_tokens // max(len(counts), 1), 4) * 28 * 28
+        knob = f"lower min_pixels (now {min_pixels}: it enlarges every image to at least that)" \
+            if min_pixels is not None and min_pixels > fits else "lower max_pixels"
         raise VisualBudgetError(
             f"the images/videos need {total} visual tokens ({' + '.join(map(str, counts))}) but at most "
-            f"{max_visual_tokens} are allowed; send fewer or smaller images, or lower max_pixels "
-            f"(about {per_item * 28 * 28} pixels each would fit)")
+            f"{max_visual_tokens} are allowed; send fewer or smaller images, or {knob} "
+            f"(about {fits} pixels each would fit)")
     return total

@@ -452,7 +452,7 @@ def _add_routes(app: FastAPI, state: _State) -> None:
             _check_roles(req.messages)
             images = await load()
             try:
-                state.family.check_budget([i.input for i in images], state.config.max_visual_tokens)
+                state.family.check_budget([i.input for i in images], state.config.max_visual_tokens, req.min_pixels)
             except ValueError as e:
                 raise APIError(400, str(e), "messages", "visual_budget_exceeded") from None
             job = _Job.prepare(state, req, images)

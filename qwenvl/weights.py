@@ -238,6 +238,25 @@ def write_checkpoint(state: dict[str, Tensor], config: QWenConfig, out_dir: str 
     return out
 
 
+def check_new_checkpoint_dir(out: Path, source: Path) -> None:
+    """Refuse (before any work) an output folder that is a file, lies under one, is the `source` checkpoint or
+    already holds a checkpoint: writing there would lose it. The folder itself is made when the result is written.
+
+    Example: check_new_checkpoint_dir(Path("m"), Path("m")) -> "--out m is the input checkpoint ..."."""
+    out, source = Path(out), Path(source)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the input checkpoint: writing there would replace its weights")
+    held = [n for n in ("config.json", SAFE_SINGLE, "model.safetensors.index.json") if (out / n).exists()]
+    if held:
+        raise ValueError(f"--out {out} already holds a checkpoint ({', '.join(held)}): choose another --out or "
+                         "delete it")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: cannot create the folder ({parent} is a file)")
+
+
 def atomic_write(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader sees the old file or
     the whole new one. The file gets the permissions of an ordinary new file (mkstemp's are owner-only)."""

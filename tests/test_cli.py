@@ -133,3 +133,18 @@ def test_malformed_and_out_of_range_answer_boxes_are_reported(model_dir, tmp_pat
     err = capsys.readouterr().err
     assert "box '(1,2),(3)' is not (x1,y1),(x2,y2)" in err and "not drawn" in err
     assert "(1000,1000),(2000,2000)</box> has coordinates above 999: drawn clamped" in err and out.is_file()
+
+
+@pytest.mark.parametrize("field, value, fragment", [("temperature", -1, "temperature=-1 must be >= 0"),
+                                                    ("top_p", 2, "top_p=2 must be in (0, 1]")])
+def test_bad_sampling_values_in_generation_config_name_the_file_at_load(model_dir, tmp_path, capsys, field, value,
+                                                                        fragment):
+    import json
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    path = bad / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    assert main(["chat", "--model", str(bad)]) == 2                  # interactive: refused before any question
+    assert f"{path}: {fragment}" in capsys.readouterr().err

@@ -353,6 +353,50 @@ def test_clear_errors_for_bad_inputs(model_dir, sets, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+IMG = "images/grounding_en/00000-1.png"
+
+
+@pytest.mark.parametrize("task, record, message", [
+    ("refcoco", {"image": IMG, "sent": "a", "bbox": [50, 5, 10, 20], "width": 9, "height": 9}, "x1 <= x2 and y1 <= y2"),
+    ("refcoco", {"image": IMG, "sent": "a", "bbox": [1, 1, 5, 5], "width": 0, "height": 9}, "positive numbers"),
+    ("refcoco", {"image": IMG, "sent": "a", "bbox": [1, 1, 5, 5], "width": True, "height": 9}, "positive numbers"),
+    ("seedbench", {"question_id": 1, "image": IMG, "question": "q", "choices": "abcd", "answer": "A"},
+     "field 'choices' should be list, got str"),
+    ("seedbench", {"question_id": 1, "frames": IMG, "question": "q", "choices": ["a", "b"], "answer": "A"},
+     "field 'frames' should be list, got str"),
+])
+def test_wrong_shapes_that_used_to_pass_silently_are_refused(sets, tmp_path, capsys, task, record, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    assert run("--task", task, "--data", data, "--image-root", sets, "--endpoint", "http://127.0.0.1:9") == 2
+    assert f"d.jsonl: line 1: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_bad_records_flags_and_out_folders_are_clear_errors(sets, tmp_path, capsys):
+    caption = tmp_path / "cap.json"
+    caption.write_text(json.dumps({"images": [7], "annotations": []}))
+    assert run("--task", "caption", "--data", caption, "--endpoint", "http://127.0.0.1:9") == 2
+    assert "cap.json: line 1: expected an object with 'id', got int" in capsys.readouterr().err
+    vqa = sets / "vqa_en.jsonl"
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"image": "x.png"}\n')
+    assert run("--task", "vqa", "--data", vqa, "--few-shot", "1", "--train", train, "--endpoint", "http://x:9") == 2
+    assert "train.jsonl: line 1: missing field 'question'" in capsys.readouterr().err
+    assert run("--task", "vqa", "--data", vqa, "--max-new-tokens", "0", "--endpoint", "http://x:9") == 2
+    assert "--max-new-tokens 0: must be >= 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "s", "cannot create")):
+        assert run("--task", "vqa", "--data", vqa, "--out", out, "--endpoint", "http://x:9") == 2
+        assert message in capsys.readouterr().err
+    for text, message in (("{bad", "run.json is not valid JSON"), ("[1]", "should hold a JSON object")):
+        out = tmp_path / f"run{len(text)}"
+        out.mkdir()
+        (out / "run.json").write_text(text)
+        (out / "predictions.rank0.jsonl").write_text('{"id": "1", "prediction": "a"}\n')
+        assert run("--task", "vqa", "--data", vqa, "--out", out, "--endpoint", "http://x:9") == 2
+        assert message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ pieces
 
 

@@ -101,7 +101,7 @@ def test_loaded_data_equals_the_official_preprocessing(case, real_tok, tmp_path)
     tok = real_tok
     for rel in ("assets/demo.jpeg", "assets/mm_tutorial/Chongqing.jpeg", "assets/mm_tutorial/Beijing.jpeg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"")
+        shutil.copy(TINY / "img_a.png", tmp_path / rel)        # the ids depend on the path only; the file must open
     (tmp_path / "d.json").write_text(json.dumps([case["example"]]))
     load = lambda: load_examples(tmp_path / "d.json", tok, case["max_len"], case["system_message"], truncate=True)  # noqa: E731
     if "raises" in case or case["name"] == "truncated_inside_image_128":
@@ -152,6 +152,98 @@ def test_bad_files_and_a_box_split_across_turns(ws, tmp_path):
     conv = [{"from": "user", "value": "<ref>it</ref><box>"}, {"from": "assistant", "value": "(1,2),(3,4)</box>"}]
     (tmp_path / "f.json").write_text(json.dumps([{"id": "split", "conversations": conv}]))
     assert load_examples(tmp_path / "f.json", tok, 64)[0].id == "split"
+
+
+def test_a_file_that_is_not_an_image_is_refused_before_training(ws, tmp_path):
+    shutil.copytree(ws / "imgs", tmp_path / "imgs")
+    (tmp_path / "imgs" / "x.png").write_bytes(b"<html>not found</html>")
+    conv = [{"from": "user", "value": "<img>imgs/x.png</img>what"}, {"from": "assistant", "value": "x"}]
+    (tmp_path / "d.json").write_text(json.dumps([sample(0), {"id": "bad-img", "conversations": conv}]))
+    with pytest.raises(DataError, match=r"sample 'bad-img': image .*x.png is not a readable image"):
+        load_examples(tmp_path / "d.json", QWenTokenizer.from_pretrained(ws / "model"), 256)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"lr": 0.0}, "lr 0.0: must be a number > 0"), ({"lr": float("inf")}, "lr inf"),
+    ({"epochs": 0.0, "max_steps": None}, "epochs 0.0: must be a number > 0"),
+    ({"epochs": float("nan"), "max_steps": None}, "epochs nan"), ({"max_steps": 0}, "max_steps 0: must be >= 1"),
+    ({"max_steps": -1}, "max_steps -1"), ({"warmup_ratio": 2.0}, "warmup_ratio 2.0"),
+    ({"weight_decay": -1.0}, "weight_decay -1.0"), ({"max_grad_norm": -1.0}, "max_grad_norm -1.0"),
+    ({"max_len": 0}, "max_len 0"), ({"lora_alpha": 0.0}, "alpha=0.0"), ({"lora_r": 0}, "r=0"),
+])
+def test_flag_values_that_would_train_nothing_are_refused_before_loading(ws, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        args(ws, tmp_path / "o", **kw)
+
+
+def test_an_out_that_is_a_file_or_an_unreadable_checkpoint_is_a_clear_error(ws, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot create")):
+        assert cli_main(cli(ws, out, "--max-steps", "1")) == 2
+        assert message in capsys.readouterr().err
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    for content, message in ((b"junk", "not a readable training checkpoint"), (None, "not a qwenvl fine-tune")):
+        if content is None:
+            torch.save({"step": 1}, out / "checkpoint" / "state.pt")
+        else:
+            (out / "checkpoint" / "state.pt").write_bytes(content)
+        assert cli_main(cli(ws, out, "--max-steps", "1")) == 2
+        assert message in capsys.readouterr().err
+        assert (out / "checkpoint" / "state.pt").is_file()                    # left for the user to judge
+
+
+def test_merge_lora_and_finetune_never_write_over_a_checkpoint(ws, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    adapter = tmp_path / "adapter"
+    assert cli_main(cli(ws, adapter, "--max-steps", "1")) == 0
+    (tmp_path / "file").write_text("x")
+    for out, message in ((model, "is the input checkpoint"), (tmp_path / "file", "is a file"),
+                         (ws / "model", "already holds a checkpoint")):
+        assert cli_main(["merge-lora", "--model", str(model), "--adapter", str(adapter), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    before = (model / "model.safetensors").read_bytes()
+    argv = cli(ws, model, "--max-steps", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert cli_main(argv) == 2 and "is the model folder" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_ctrl_c_keeps_the_finished_steps_and_the_rerun_resumes(ws, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qwenvl.cli", *cli(ws, out, "--max-steps", "12", "--save-every", "1000")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and len(losses(out) if (out / "loss.csv").is_file() else []) < 3:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert 3 <= state["step"] < 12 and f"holds step {state['step']}/12: rerun the same command" in err
+    resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [s for s, _, _ in losses(out)] == [str(i) for i in range(1, 13)]
+
+
+def test_an_image_failing_at_its_step_keeps_the_finished_steps(ws, tmp_path, monkeypatch):
+    import qwenvl.finetune as ft
+
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise DataError("sample 's4': cannot load image imgs/a.png")
+        return make_batch(*a, **kw)
+
+    monkeypatch.setattr(ft, "make_batch", failing)
+    with pytest.raises(DataError, match=r"s4.*at step 3/5; .*state.pt holds step 2/5"):
+        ft.finetune(args(ws, tmp_path / "run", max_steps=5, save_every=1000))
+    assert torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
 
 
 def test_image_paths_are_relative_to_the_json_file(ws, tmp_path, monkeypatch):

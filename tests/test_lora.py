@@ -214,3 +214,12 @@ def test_refusals(tmp_path):
         load_adapter(load_model(TINY, "float32"), tmp_path)
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         load_adapter(load_model(TINY, "float32"), tmp_path / "nowhere")
+
+
+def test_a_target_or_alpha_that_would_train_nothing_is_refused():
+    model = load_model(TINY, "float32")
+    with pytest.raises(ValueError, match=r"LoRA targets \['w3'\] match no linear module"):
+        apply_lora(model, LoraSpec(r=2, target_modules=("c_attn", "w3")))
+    assert not list(lora_layers(model))                                   # refused before any swap
+    with pytest.raises(ValueError, match="alpha=0"):
+        LoraSpec(r=2, alpha=0)

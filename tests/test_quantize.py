@@ -136,3 +136,37 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_with_a_hint_and_no
     assert main(["quantize", "--model", str(FLOAT), "--bits", "4", "--group-size", str(group),
                  "--out", str(tmp_path / "q")]) == 2
     assert "use --group-size" in capsys.readouterr().err
+
+
+def test_cli_refuses_ignored_flags_and_an_out_that_would_lose_a_checkpoint(tmp_path, capsys):
+    src = tmp_path / "float"
+    shutil.copytree(FLOAT, src)
+    (tmp_path / "file").write_text("x")
+    done = tmp_path / "done"
+    assert main(["quantize", "--model", str(src), "--bits", "8", "--out", str(done)]) == 0
+    cases = [(["--bits", "8", "--group-size", "64"], "--group-size and --asym are for --bits 4"),
+             (["--bits", "8", "--asym"], "--group-size and --asym are for --bits 4"),
+             (["--bits", "4", "--calibration-samples", "4"], "--calibration-samples needs --calibration"),
+             (["--bits", "8", "--out", str(src)], "is the input checkpoint"),
+             (["--bits", "8", "--out", str(done)], "already holds a checkpoint"),
+             (["--bits", "8", "--out", str(tmp_path / "file")], "is a file, not a folder"),
+             (["--bits", "8", "--out", str(tmp_path / "file" / "sub")], "cannot create the folder")]
+    capsys.readouterr()
+    for extra, message in cases:
+        argv = ["quantize", "--model", str(src), *(["--out", str(tmp_path / "o")] if "--out" not in extra else []),
+                *extra]
+        assert main(argv) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert load_model(src, "float32").config.quantization_config is None          # the input is untouched
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_names_a_qwen2_vl_checkpoint(tmp_path, capsys):
+    import json
+
+    from qwen2_vl_tiny import hf_config_dict
+
+    (tmp_path / "q2").mkdir()
+    (tmp_path / "q2" / "config.json").write_text(json.dumps(hf_config_dict()))
+    assert main(["quantize", "--model", str(tmp_path / "q2"), "--bits", "8", "--out", str(tmp_path / "o")]) == 2
+    assert "is a Qwen2-VL checkpoint's" in capsys.readouterr().err

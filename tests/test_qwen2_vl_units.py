@@ -182,6 +182,8 @@ def test_visual_token_budget():
     assert check_visual_budget([torch.tensor([[1, 8, 10]])], 100) == 20
     with pytest.raises(VisualBudgetError, match=r"need 2711 visual tokens \(2691 \+ 20\) but at most 1024"):
         check_visual_budget([torch.tensor([[1, 78, 138], [1, 8, 10]]), None], 1024)
+    with pytest.raises(VisualBudgetError, match=r"lower min_pixels \(now 2000000"):   # it, not max_pixels, enlarges
+        check_visual_budget([torch.tensor([[1, 52, 52]])], 100, min_pixels=2_000_000)
 
 
 # ----------------------------------------------------------------------------------- config

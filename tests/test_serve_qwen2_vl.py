@@ -158,6 +158,9 @@ def test_over_the_visual_budget_is_a_400(model, tokenizer):
         with pytest.raises(openai.BadRequestError, match="max_pixels"):
             client(s).chat.completions.create(model="tiny2", messages=image_messages(random_image(100, 150, 0)),
                                               extra_body={"max_pixels": 3})
+        with pytest.raises(openai.BadRequestError, match="lower min_pixels"):     # what enlarges the image
+            client(s).chat.completions.create(model="tiny2", messages=image_messages(random_image(100, 150, 0)),
+                                              extra_body={"min_pixels": 200_000})
 
 
 @pytest.mark.parametrize("limits, fragment", [
@@ -216,6 +219,16 @@ def test_cli_chat_with_an_image(model_dir, capsys):
     assert "error" not in captured.err and captured.out.strip()
     assert main(["chat", "--model", str(model_dir), "--image", "/no/such.png", "--dtype", "float32", "q"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_bad_generation_config_is_named_before_any_question(model_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    (bad / "generation_config.json").write_text('{"temperature": -1}')
+    assert main(["chat", "--model", str(bad), "--dtype", "float32"]) == 2        # interactive: nothing asked yet
+    assert f"{bad / 'generation_config.json'}: temperature=-1 must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_pixel_limits_that_leave_no_size_are_refused_before_any_question(model_dir, capsys):

@@ -89,12 +89,15 @@ def _prepare(args: argparse.Namespace):
     from .tasks import Context, EvalOptions, get_task
 
     task = get_task(args.task)
-    if args.max_new_tokens and not task.is_choice:
+    if args.max_new_tokens is not None and not task.is_choice:
         task = dataclasses.replace(task, max_new_tokens=args.max_new_tokens)
     if args.model and args.endpoint:
         raise ValueError("give --model or --endpoint, not both")
     if args.few_shot < 0 or (args.limit is not None and args.limit < 1):
         raise ValueError("--few-shot must be >= 0 and --limit >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:                   # 0 new tokens used to mean "the task's default"
+            raise ValueError(f"{flag} {value}: must be >= 1")
     read = ReadOptions(image_root=args.image_root, chat=args.chat, few_shot=args.few_shot, train=args.train,
                        seed=args.seed)
     samples = task.read(args.data, read)[: args.limit]

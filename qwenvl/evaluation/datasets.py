@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import math
 import random
 import re
 import sys
@@ -145,7 +146,11 @@ def _train_records(opts: ReadOptions, caption: bool) -> list[dict]:
         raise DataError("--few-shot needs --train FILE (training examples in the same format)")
     if caption:
         return [a for a in read_json(opts.train).get("annotations", []) if "image" in a and "caption" in a]
-    return [rec for _, rec in read_jsonl(opts.train)]
+    records = read_jsonl(opts.train)
+    for n, rec in records:                       # the few-shot prompt reads these three
+        for key, kind in (("image", str), ("question", str), ("answer", None)):
+            get(rec, key, opts.train, n, kind)
+    return [rec for _, rec in records]
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -208,13 +213,25 @@ def read_refcoco(path: Path, opts: ReadOptions) -> list[Sample]:
         name = get(rec, "image", path, n, str)
         file = resolve_image(name, path, n, opts.image_root)
         sent = get(rec, "sent", path, n, str)
-        bbox = get(rec, "bbox", path, n, list)
-        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            raise DataError(f"{path}: line {n}: bbox should be 4 pixel numbers x1,y1,x2,y2, got {bbox!r}")
-        size = (get(rec, "width", path, n, (int, float)), get(rec, "height", path, n, (int, float)))
+        bbox, size = _refcoco_box(rec, path, n)
         prompt = picture_prefix([name]) + f"<ref>{sent}</ref>" if opts.chat else GROUNDING_PROMPT.format(name, sent)
         out.append(Sample(str(rec.get("id", n)), prompt, (file,), (bbox, size), chat=opts.chat, meta={"line": n}))
     return _check_unique(out, path)
+
+
+def _refcoco_box(rec: dict, path: Path, n: int) -> tuple[list, tuple]:
+    """(bbox, (width, height)): finite numbers, x1 <= x2 and y1 <= y2, a positive size (a swapped or NaN box
+    would score as a miss without a word). Example: bbox [5, 5, 1, 1] -> "x1 <= x2 and y1 <= y2"."""
+    bbox = get(rec, "bbox", path, n, list)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if len(bbox) != 4 or not all(map(number, bbox)):
+        raise DataError(f"{path}: line {n}: bbox should be 4 pixel numbers x1,y1,x2,y2, got {bbox!r}")
+    if bbox[0] > bbox[2] or bbox[1] > bbox[3]:
+        raise DataError(f"{path}: line {n}: bbox {bbox} should have x1 <= x2 and y1 <= y2 (pixel x1,y1,x2,y2)")
+    size = (get(rec, "width", path, n, (int, float)), get(rec, "height", path, n, (int, float)))
+    if not all(number(v) and v > 0 for v in size):
+        raise DataError(f"{path}: line {n}: width and height should be positive numbers, got {size}")
+    return bbox, size
 
 
 def read_choice(path: Path, opts: ReadOptions) -> list[Sample]:
@@ -247,9 +264,10 @@ def read_seed(path: Path, opts: ReadOptions) -> list[Sample]:
             files = [resolve_image(name, path, n, opts.image_root) for name in IMAGE_SPAN.findall(prompt)]
             choices = tuple(LETTERS[:4])
         else:
-            names = rec.get("frames") or rec.get("images") or [get(rec, "image", path, n, str)]
+            key = next((k for k in ("frames", "images") if rec.get(k)), None)
+            names = get(rec, key, path, n, list) if key else [get(rec, "image", path, n, str)]
             files = [resolve_image(name, path, n, opts.image_root) for name in names]
-            choices = tuple(rec["choices"]) if "choices" in rec else \
+            choices = tuple(get(rec, "choices", path, n, list)) if "choices" in rec else \
                 tuple(get(rec, f"choice_{c}", path, n) for c in "abcd")
             spans = "".join(f"<img>{name}</img>\n" for name in names)
             prompt = spans + SEED_PROMPT.format(get(rec, "question", path, n, str), options_text(choices))

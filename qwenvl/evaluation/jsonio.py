@@ -78,6 +78,9 @@ def _existing(path: str | Path) -> Path:
 
 def field(record: dict, key: str, path: Path | str, line: int, kind: type | tuple[type, ...] | None = None) -> Any:
     """record[key], or a DataError naming the file, line and the missing/mistyped field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {line}: expected an object with {key!r}, got {type(record).__name__} "
+                        f"{record!r:.60}")
     if key not in record:
         raise DataError(f"{path}: line {line}: missing field {key!r} (has {sorted(record)})")
     value = record[key]

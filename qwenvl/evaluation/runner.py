@@ -91,7 +91,7 @@ def check_run(out_dir: Path, info: dict, d: Dist) -> None:
     no logged prediction (e.g. the model failed to load) binds nothing and is rewritten."""
     path = out_dir / "run.json"
     if path.is_file() and load_predictions(out_dir):
-        old = json.loads(path.read_text())
+        old = _read_run_json(path)
         changed = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{out_dir} holds a run with other settings {changed} (old, new); "
@@ -100,6 +100,28 @@ def check_run(out_dir: Path, info: dict, d: Dist) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
         tmp.replace(path)
+
+
+def _read_run_json(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): it records the settings of the logged predictions; "
+                        "use another --out, or delete the folder to start over") from None
+    if not isinstance(old, dict):
+        raise DataError(f"{path} should hold a JSON object of run settings, got {type(old).__name__}: "
+                        "use another --out, or delete the folder to start over")
+    return old
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create the output folder, or say why it cannot be one (a file, or a file on the way to it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder: choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise DataError(f"--out {out_dir}: cannot create the folder ({e.strerror}: {e.filename})") from None
 
 
 class Progress:
@@ -164,7 +186,7 @@ def run_task(task: Task, samples: Sequence[Sample], make_backend, ctx: Context, 
              run_info: dict, progress: bool = True) -> dict | None:
     """The whole run on this rank; the summary on rank 0, None elsewhere. `make_backend()` is called
     only when this rank has samples left to answer (a finished run is just rescored)."""
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(ctx.out_dir)
     check_run(ctx.out_dir, run_info, d)
     done = load_predictions(ctx.out_dir)
     if any(s.id not in done for s in shard(samples, d)):
