@@ -25,16 +25,25 @@ from qwenvl.model import image_span_mask
 from qwenvl.synthetic import SceneSpec, build_task, render_scene, sample_rng
 from qwenvl.text import QWenAttention
 from qwenvl.tokenizer import QWenTokenizer
+from qwenvl.train import bypass_final_norm
 from qwenvl.weights import load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "qwenvl/assets/demo_model")
+parser.add_argument("--stage", type=Path, help="a train_demo.py stage's model.pt to probe instead (with --model: its run's "
+                                               "export, for the config and vocabulary); stage 2 prompts are raw")
 parser.add_argument("--seed", type=int, default=4321, help="the fresh sets' seed (scenes drawn as write_eval_sets does)")
 parser.add_argument("--n", type=int, default=120, help="samples drawn per task (one-shape scenes are skipped)")
 parser.add_argument("--work", type=Path, default=Path("/tmp/box_attention"), help="where the scenes are rendered")
 args = parser.parse_args()
 
 model = load_model(args.model, "float32").eval()
+RAW = args.stage is not None and "stage3" not in str(args.stage)     # stages 1-2 train on raw prompts
+if args.stage:
+    state = torch.load(args.stage, map_location="cpu", weights_only=True)
+    if "transformer.ln_f.weight" not in state:
+        bypass_final_norm(model)                                      # stages before 3 train with ln_f bypassed
+    model.load_state_dict(state)
 tok = QWenTokenizer.from_pretrained(args.model)
 cfg = model.config.visual
 GRID = cfg.image_size // cfg.patch_size
@@ -103,9 +112,12 @@ def shares(task: str, split: str) -> list[torch.Tensor]:
         path = args.work / f"{task}-{i:05d}.png"
         render_scene(scene).save(path)
         user, answer = r.turns[0]
-        rendered = render_sft([{"from": "user", "value": f"Picture 1: <img>{path}</img>\n{user}"},
-                               {"from": "assistant", "value": answer}], tok)
-        ids = torch.tensor([rendered.input_ids])
+        prompt = f"Picture 1: <img>{path}</img>\n{user}"
+        if RAW:
+            ids = torch.tensor([tok.encode(prompt) + tok.encode(answer) + [tok.eod_id]])
+        else:
+            ids = torch.tensor([render_sft([{"from": "user", "value": prompt},
+                                            {"from": "assistant", "value": answer}], tok).input_ids])
         answer_ids = tok.encode(answer)
         image = image_span_mask(ids, cfg.image_start_id, cfg.n_queries)[0]             # [T]
         with torch.no_grad():
