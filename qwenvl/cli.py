@@ -373,10 +373,10 @@ class Qwen2ChatSession(ChatSession):
 
     def _user_turn(self, question: str, images: list[str], videos: list[str]) -> tuple:
         from .images import TRUSTED, load_image
-        from .processor import preprocess_images, preprocess_video
+        from .processor import WHITE, preprocess_images, preprocess_video
 
         limits = {"min_pixels": self.args.min_pixels, "max_pixels": self.args.max_pixels}
-        pictures = [load_image(p, TRUSTED) for p in images]
+        pictures = [load_image(p, TRUSTED, background=WHITE) for p in images]
         pixels = preprocess_images(pictures, self.family.processor, **limits) if pictures else None
         clips = [preprocess_video(v, config=self.family.processor, **limits)[:2] for v in videos]
         content = [{"type": "image"}] * len(pictures) + [{"type": "video"}] * len(clips)

@@ -255,9 +255,9 @@ class Qwen2VLFamily(QwenVLFamily):
 
     def load_image(self, source: str, policy, min_pixels: int | None = None, max_pixels: int | None = None
                    ) -> LoadedVisual:
-        from .processor import preprocess_images
+        from .processor import WHITE, preprocess_images
 
-        image = load_image(source, policy)
+        image = load_image(source, policy, background=WHITE)          # Qwen2-VL composites alpha onto white
         patches, grid = preprocess_images([image], self.processor, min_pixels=min_pixels, max_pixels=max_pixels)
         key = f"{image_digest(image)}:{min_pixels}:{max_pixels}"      # the grid depends on the pixel limits
         return LoadedVisual(key, patches, image.width, image.height, tuple(int(v) for v in grid[0]))

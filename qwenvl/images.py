@@ -151,16 +151,18 @@ TRUSTED = ImagePolicy(
 # Entry point
 
 
-def load_image(source: ImageSource, policy: ImagePolicy = TRUSTED) -> Image.Image:
+def load_image(source: ImageSource, policy: ImagePolicy = TRUSTED,
+               background: tuple[int, int, int] | None = None) -> Image.Image:
     """Load `source` (path, http(s) URL, data: URI, bytes or PIL image) as RGB under `policy`.
 
     Raises ImageError for every problem. The result is always a new image (the caller's is untouched);
     EXIF orientation is applied; an animated image gives its first frame (a PIL source: its current one).
+    Transparency is dropped (Qwen-VL v1) or, with `background`, composited onto it (Qwen2-VL: white).
     """
     name = describe_source(source)
     if isinstance(source, Image.Image):
-        return _normalise(source, name, policy)
-    return _decode(_read_source(source, name, policy), name, policy)
+        return _normalise(source, name, policy, background)
+    return _decode(_read_source(source, name, policy), name, policy, background)
 
 
 def describe_source(source: object, limit: int = 80) -> str:
@@ -194,6 +196,8 @@ def _read_source(source: object, name: str, policy: ImagePolicy) -> bytes:
     if not isinstance(source, str):
         raise _error(name, f"unsupported source type {type(source).__name__}; "
                            "expected a path, an http(s) URL, a data: URI, bytes or a PIL.Image")
+    if not source.strip():
+        raise _error(repr(source), "the source is empty; give a path, an http(s) URL or a data: URI")
     kind = source_kind(source)
     if kind == "data":
         return decode_data_uri(source.strip(), policy.max_bytes, name)
@@ -545,11 +549,12 @@ def _network_errors(name: str, timeout_s: float) -> Iterator[None]:
 # Decoding and normalisation
 
 
-def _decode(data: bytes, name: str, policy: ImagePolicy) -> Image.Image:
+def _decode(data: bytes, name: str, policy: ImagePolicy,
+            background: tuple[int, int, int] | None = None) -> Image.Image:
     """Encoded bytes → RGB image: identify, check the header's size, decode, orient, convert."""
     if not data:
         raise _error(name, "it is empty (0 bytes), not an image")
-    return _normalise(_open(data, name, policy), name, policy)
+    return _normalise(_open(data, name, policy), name, policy, background)
 
 
 def _open(data: bytes, name: str, policy: ImagePolicy) -> Image.Image:
@@ -585,7 +590,8 @@ def _unidentified(data: bytes, formats: tuple[str, ...] | None) -> str:
             f"(first bytes: {data[:16]!r})")
 
 
-def _normalise(img: Image.Image, name: str, policy: ImagePolicy) -> Image.Image:
+def _normalise(img: Image.Image, name: str, policy: ImagePolicy,
+               background: tuple[int, int, int] | None = None) -> Image.Image:
     """Size check (before any decoding), decode, EXIF orientation, RGB."""
     check_pixel_count(img.size, policy.max_pixels, name)
     try:
@@ -594,7 +600,7 @@ def _normalise(img: Image.Image, name: str, policy: ImagePolicy) -> Image.Image:
     except Exception as e:
         raise _error(name, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
     try:
-        return to_rgb(oriented)
+        return to_rgb(oriented, background)
     except ValueError as e:
         raise _error(name, f"cannot convert pixel mode {oriented.mode!r} to RGB ({e})") from None
 
@@ -616,17 +622,23 @@ def check_pixel_count(size: tuple[int, int], max_pixels: int, name: str) -> None
                            "downscale the image first")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB, as the Qwen-VL reference does: alpha is dropped, not composited.
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Any Pillow mode → RGB. Without `background`, as the Qwen-VL reference does: alpha is dropped, not
+    composited; with it (Qwen2-VL: white, as transformers and qwen-vl-utils do) transparency is composited onto it.
 
-    16-bit, 32-bit and float greyscale are scaled to 0..255 (Pillow alone would clip them).
-    An RGB input is returned as is (not copied).
+    16-bit, 32-bit and float greyscale are scaled to 0..255 (Pillow alone would clip them; so does the
+    official Qwen2-VL processor: a deliberate difference). An opaque RGB input is returned as is (not copied).
 
     >>> to_rgb(Image.new("RGBA", (1, 1), (10, 20, 30, 0))).getpixel((0, 0))
     (10, 20, 30)
+    >>> to_rgb(Image.new("RGBA", (1, 1), (10, 20, 30, 0)), background=(255, 255, 255)).getpixel((0, 0))
+    (255, 255, 255)
     >>> to_rgb(Image.new("I;16", (1, 1), 32896)).getpixel((0, 0))
     (128, 128, 128)
     """
+    if background is not None and ("A" in img.getbands() or img.info.get("transparency") is not None):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":

@@ -13,6 +13,7 @@ padded to a multiple of the temporal patch (2), consecutive frames paired into t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from PIL import Image, ImageSequence
 from torch import Tensor
 
+from .images import TRUSTED, check_pixel_count
+from .images import to_rgb as _to_rgb
 from .positions import vision_token_counts
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,11 +79,15 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     Examples: (100, 150) -> (112, 140); (1080, 1920) -> (1092, 1932); (10, 10) -> (56, 56);
     (1080, 1920) with max_pixels 1003520 -> (728, 1316).
     """
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+               for v in (height, width, min_pixels, max_pixels)):
+        raise ValueError(f"smart_resize needs ints, got {height=!r} {width=!r} {min_pixels=!r} {max_pixels=!r}")
     if height <= 0 or width <= 0:
         raise ValueError(f"image has no pixels: {height=} {width=}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} of {height}x{width} is "
-                         f"more than {MAX_ASPECT_RATIO}")
+        raise ValueError(f"the image is {width} wide and {height} high: its aspect ratio "
+                         f"{max(height, width) / min(height, width):.1f} is more than {MAX_ASPECT_RATIO}, the "
+                         "official Qwen2-VL processor's limit; crop it or pad it to a squarer shape")
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(f"need 0 < {min_pixels=} <= {max_pixels=}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
@@ -95,14 +102,20 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+WHITE = (255, 255, 255)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with any transparency composited onto white (what transformers and qwen-vl-utils do).
 
-    Example: an RGBA pixel (0, 0, 0, 0) becomes (255, 255, 255).
+    Example: an RGBA pixel (0, 0, 0, 0) becomes (255, 255, 255). Other modes go through Pillow's convert, as
+    there (16-bit greyscale is clipped; `images.load_image` scales it to 0..255 before it gets here).
     """
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL.Image, got {type(image).__name__} {str(image)[:60]!r}; "
+                         "load files, URLs and data URIs with qwenvl.images.load_image")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return _to_rgb(image, WHITE)
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
@@ -155,7 +168,10 @@ def preprocess_images(images: Sequence[Image.Image], config: VisionProcessorConf
     `min_pixels`/`max_pixels` override the config for this request. Example: one 100×150 (h×w) image
     -> resized 112×140 -> patches [80, 1176], grid_thw [[1, 8, 10]] -> 20 placeholder tokens.
     """
-    lo, hi = min_pixels or config.min_pixels, max_pixels or config.max_pixels
+    lo = config.min_pixels if min_pixels is None else min_pixels    # 0 is an error (smart_resize), not "default"
+    hi = config.max_pixels if max_pixels is None else max_pixels
+    if isinstance(images, (Image.Image, str, Path)):
+        raise ValueError(f"images must be a list of PIL images, got one {type(images).__name__}; wrap it in a list")
     patches, grids = [], []
     for image in images:
         resized = resize_image(image, lo, hi, config.factor)
@@ -221,19 +237,66 @@ def video_pixel_limits(nframes: int, max_pixels: int | None = None,
     return lo, hi
 
 
-def read_video_frames(path: str | Path) -> tuple[list[Image.Image], float]:
-    """All frames of an animated image file (GIF, APNG, WebP) and its fps, with Pillow only.
+def read_video_frames(path: str | Path, indices: Sequence[int] | None = None) -> tuple[list[Image.Image], float]:
+    """Frames of an animated image file (GIF, APNG, WebP) and its fps (from the mean frame duration), with
+    Pillow only. `indices` picks frames (default: all); only those are kept in memory.
 
-    Other containers (mp4, ...) need a video decoder: decode the frames yourself and pass PIL images.
+    Every problem is a ValueError naming the file (and the frame): missing, not an image, not animated,
+    a corrupt or truncated frame. Other containers (mp4, ...) need a video decoder: pass PIL frames.
     """
-    with Image.open(path) as im:
-        if getattr(im, "n_frames", 1) < 1 or not getattr(im, "is_animated", False):
-            raise ValueError(f"{path} is not an animated image; pass a list of frames for other video formats")
-        frames, durations = [], []
-        for frame in ImageSequence.Iterator(im):
-            frames.append(to_rgb(frame.copy()))
-            durations.append(frame.info.get("duration") or 100)
-    return frames, 1000.0 / (sum(durations) / len(durations))
+    try:
+        with Image.open(path) as im:
+            n = getattr(im, "n_frames", 1)
+            if n < 2:
+                raise ValueError(f"cannot read video {path}: it has {n} frame, not an animation; send it as an "
+                                 "image, or pass a list of frames")
+            check_pixel_count(im.size, TRUSTED.max_pixels, str(path))
+            durations = [_frame_duration(im, k, path) for k in range(n)]
+            frames = [_frame(im, k, n, path) for k in (range(n) if indices is None else indices)]
+    except (ValueError, OSError, EOFError, IndexError) as e:    # IndexError: Pillow on some truncated GIFs
+        if isinstance(e, ValueError) and str(e).startswith(("cannot read video", "cannot load image")):
+            raise
+        raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+    return frames, 1000.0 / (sum(durations) / n)
+
+
+def _frame_duration(im: Image.Image, k: int, path: str | Path) -> float:
+    """Display time of frame k in ms (100 when the file gives none or 0, as browsers treat 0)."""
+    _seek(im, k, im.n_frames, path)
+    return im.info.get("duration") or 100
+
+
+def _frame(im: Image.Image, k: int, n: int, path: str | Path) -> Image.Image:
+    _seek(im, k, n, path)
+    try:
+        return to_rgb(im.copy())
+    except OSError as e:
+        raise ValueError(f"cannot read video {path}: frame {k} of {n} is corrupt or truncated ({e})") from None
+
+
+def _seek(im: Image.Image, k: int, n: int, path: str | Path) -> None:
+    try:
+        im.seek(k)
+        im.load()
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise ValueError(f"cannot read video {path}: frame {k} of {n} is corrupt or truncated "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _check_rate(name: str, value: float | None) -> None:
+    """fps-like values must be finite and > 0 (0 would divide by zero, NaN would sample nothing sensible)."""
+    if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _checked_frames(frames: Sequence[Image.Image]) -> list[Image.Image]:
+    """RGB frames, all of one size (a frame of another size would be stretched: refused instead)."""
+    rgb = [to_rgb(f) for f in frames]
+    for k, f in enumerate(rgb):
+        if f.size != rgb[0].size:
+            raise ValueError(f"video frame {k} is {f.width}x{f.height} but frame 0 is {rgb[0].width}x"
+                             f"{rgb[0].height}; all frames of a video must have one size (resize or crop them first)")
+    return rgb
 
 
 def preprocess_video(frames: Sequence[Image.Image] | str | Path, video_fps: float | None = None,
@@ -243,27 +306,46 @@ def preprocess_video(frames: Sequence[Image.Image] | str | Path, video_fps: floa
     """video_patches [t·gh·gw, 1176], grid_thw [1, 3], sampled fps, from frames (PIL) or an animated file.
 
     With `sample` the frames are sampled at `fps` (needs `video_fps` for a list); otherwise all frames are
-    used (an odd count is padded by repeating the last). Every frame gets the size of the first.
+    used (an odd count is padded by repeating the last). All frames must have one size.
     """
+    _check_rate("fps", fps)
+    _check_rate("video_fps", video_fps)
+    if nframes is not None and not (isinstance(nframes, numbers.Real) and math.isfinite(nframes)):
+        raise ValueError(f"nframes must be a number, got {nframes!r}")
     if isinstance(frames, (str, Path)):
-        frames, video_fps = read_video_frames(frames)
-    frames = list(frames)
-    if not frames:
+        frames, out_fps = _read_sampled(frames, fps, nframes) if sample else read_video_frames(frames)
+    elif not frames:
         raise ValueError("a video needs at least one frame")
-    if sample:
-        if video_fps is None:
-            raise ValueError("sampling frames needs video_fps (or pass sample=False)")
-        idx, out_fps = sample_frame_indices(len(frames), video_fps, fps=fps, nframes=nframes)
-        frames = [frames[i] for i in idx]
     else:
-        out_fps = video_fps or fps
+        frames, out_fps = _sampled(list(frames), video_fps, fps, nframes) if sample else (list(frames), video_fps or fps)
+    frames = _checked_frames(frames)
     lo, hi = video_pixel_limits(len(frames), max_pixels, min_pixels)
-    first = to_rgb(frames[0])
-    h, w = smart_resize(first.height, first.width, config.factor, lo, hi)
-    x = torch.stack([normalize(np.asarray(to_rgb(f).resize((w, h), Image.Resampling.BICUBIC)),
+    h, w = smart_resize(frames[0].height, frames[0].width, config.factor, lo, hi)
+    x = torch.stack([normalize(np.asarray(f.resize((w, h), Image.Resampling.BICUBIC)),
                                config.image_mean, config.image_std) for f in frames])   # [F, 3, H, W]
     patches, grid = patchify(x, config.patch_size, config.temporal_patch_size, config.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long), out_fps
+
+
+def _sampled(frames: list[Image.Image], video_fps: float | None, fps: float,
+             nframes: int | None) -> tuple[list[Image.Image], float]:
+    """The frames `sample_frame_indices` picks from a list, and the sampled fps."""
+    if video_fps is None:
+        raise ValueError("sampling frames needs video_fps (or pass sample=False)")
+    if len(frames) < 2:
+        raise ValueError(f"a {len(frames)}-frame video is too short to sample (it needs at least 2 frames); "
+                         "pass sample=False to use its frames as they are")
+    idx, out_fps = sample_frame_indices(len(frames), video_fps, fps=fps, nframes=nframes)
+    return [frames[i] for i in idx], out_fps
+
+
+def _read_sampled(path: str | Path, fps: float, nframes: int | None) -> tuple[list[Image.Image], float]:
+    """The sampled frames of an animated file and the sampled fps; only those frames are kept in memory."""
+    _, video_fps = read_video_frames(path, indices=[])       # timing only, after the file's checks
+    with Image.open(path) as im:
+        total = im.n_frames
+    idx, out_fps = sample_frame_indices(total, video_fps, fps=fps, nframes=nframes)
+    return read_video_frames(path, idx)[0], out_fps
 
 
 # --------------------------------------------------------------------------------------- budget

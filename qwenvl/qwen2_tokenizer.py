@@ -9,6 +9,7 @@ out special tokens, so text from a user can never produce a special id.
 from __future__ import annotations
 
 import json
+import operator
 import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -109,6 +110,7 @@ class Qwen2Tokenizer:
         """Trusted text: special-token surface forms become their ids. Example: '<|im_start|>hi' -> [151644, ...]."""
         if self._special_re is None:
             return self.encode_untrusted(text)
+        _check_text(text)
         ids, pos = [], 0
         for m in self._special_re.finditer(text):
             ids += self.encode_untrusted(text[pos:m.start()])
@@ -118,6 +120,7 @@ class Qwen2Tokenizer:
 
     def encode_untrusted(self, text: str) -> list[int]:
         """Ordinary text only: '<|im_end|>' is encoded as the characters '<', '|', 'im', ... never as a special id."""
+        _check_text(text)
         ids: list[int] = []
         for piece in PRETOKENIZE.findall(unicodedata.normalize("NFC", text)):
             ids += self._bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8")))
@@ -151,7 +154,10 @@ class Qwen2Tokenizer:
         """Text of ids; bytes of adjacent regular tokens are joined before UTF-8 decoding (bad bytes -> U+FFFD)."""
         out, buf = [], bytearray()
         for i in ids:
-            i = int(i)
+            try:
+                i = operator.index(i)      # an int, numpy int or 0-d int tensor; 3.7 or "5" is an error
+            except TypeError:
+                raise ValueError(f"token ids must be ints, got {i!r:.40}") from None
             if i in self.id_to_special:
                 out.append(buf.decode("utf-8", errors="replace"))
                 buf = bytearray()
@@ -185,6 +191,18 @@ class Qwen2Tokenizer:
     @property
     def pad_token_id(self) -> int:
         return self.special_tokens["<|endoftext|>"]
+
+
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+
+
+def _check_text(text: str) -> None:
+    """Text must be a str of valid Unicode: a lone surrogate (e.g. JSON "\\ud800") has no UTF-8 bytes."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if m := _SURROGATE.search(text):
+        raise ValueError(f"text has a lone surrogate U+{ord(m.group()):04X} at character {m.start()}, which "
+                         "is not valid Unicode (a broken emoji escape?); remove it or pair it")
 
 
 def _pair(line: str) -> tuple[str, str]:

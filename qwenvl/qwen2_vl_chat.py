@@ -27,20 +27,34 @@ VISION_SPANS = {"image": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 
 
 def part_kind(part: dict[str, Any]) -> str:
-    """'image', 'video', 'text' or 'skip', with the template's tests: type == 'image' or an 'image' /
-    'image_url' key; type == 'video' or a 'video' key; a 'text' key. Example: {"image_url": ...} -> 'image'."""
+    """'image', 'video' or 'text', with the template's tests: type == 'image' or an 'image' / 'image_url'
+    key; type == 'video' or a 'video' key; a 'text' key (a str). Example: {"image_url": ...} -> 'image'.
+
+    The template silently drops any other part (e.g. {"type": "audio"} or {"type": "text", "txt": ...});
+    here that is a ValueError, so no part of a message is lost without a word."""
+    if not isinstance(part, dict):
+        raise ValueError(f"a content part must be a dict like {{'type': 'text', 'text': ...}}, got {part!r:.80}")
     if part.get("type") == "image" or "image" in part or "image_url" in part:
         return "image"
     if part.get("type") == "video" or "video" in part:
         return "video"
-    return "text" if "text" in part else "skip"
+    if "text" in part:
+        if not isinstance(part["text"], str):
+            raise ValueError(f"a text part's 'text' must be a string, got {part['text']!r:.80}")
+        return "text"
+    raise ValueError(f"unknown content part {part!r:.80}: expected type 'image', 'video' or 'text' "
+                     "(with an 'image', 'image_url', 'video' or 'text' key)")
 
 
 def _pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool, add_vision_id: bool,
             default_system: str) -> Iterator[tuple[str, str]]:
     """(kind, value) in order: ('special', token), ('text', str), ('image', ''), ('video', '')."""
     counts = {"image": 0, "video": 0}
+    if isinstance(messages, (str, dict)):
+        raise ValueError(f"messages must be a list of dicts, got a {type(messages).__name__}; wrap it in a list")
     for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r:.80}")
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i}: role {role!r} is not one of {ROLES}")
@@ -51,15 +65,18 @@ def _pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool, add
         if isinstance(content, str):
             yield "text", content
         elif isinstance(content, (list, tuple)):
-            for part in content:
-                kind = part_kind(part)
+            for j, part in enumerate(content):
+                try:
+                    kind = part_kind(part)
+                except ValueError as e:
+                    raise ValueError(f"message {i}, part {j}: {e}") from None
                 if kind in counts:
                     counts[kind] += 1
                     if add_vision_id:
                         yield "text", f"{'Picture' if kind == 'image' else 'Video'} {counts[kind]}: "
                     yield kind, ""
-                elif kind == "text":
-                    yield "text", str(part["text"])
+                else:
+                    yield "text", part["text"]
         else:
             raise ValueError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
         yield from (("special", "<|im_end|>"), ("text", "\n"))

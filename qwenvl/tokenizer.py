@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -188,7 +189,7 @@ class QWenTokenizer:
         """
         text = unicodedata.normalize("NFC", text)
         allowed = self._allowed_set(allowed_special)
-        ids = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        ids = _tiktoken(lambda: self._enc.encode(text, allowed_special=allowed, disallowed_special=()), text)
         return self._expand_image_spans(ids)
 
     def encode_untrusted(self, text: str) -> list[int]:
@@ -197,7 +198,8 @@ class QWenTokenizer:
         Example: `encode_untrusted("<|im_start|>")` -> `[27, 91, 318, 4906, 91, 29]` (plain text).
         Lone surrogates are replaced by tiktoken (U+FFFD), as in the official tokenizer.
         """
-        return self._enc.encode_ordinary(unicodedata.normalize("NFC", text))
+        text = unicodedata.normalize("NFC", text)
+        return _tiktoken(lambda: self._enc.encode_ordinary(text), text)
 
     def _allowed_set(self, allowed_special: str | Iterable[str]) -> str | set[str]:
         if allowed_special == "all":
@@ -367,6 +369,19 @@ class QWenTokenizer:
         from qwenvl import grounding
 
         return grounding.draw_bbox_on_latest_picture(response, history, load_image=load_image)
+
+
+def _tiktoken(call: Any, text: str) -> list[int]:
+    """Run a tiktoken encode; its regex overflows the stack on very long whitespace runs (about 1e5+ spaces)
+    and panics with a BaseException that `except Exception` misses: turn that into a ValueError."""
+    try:
+        return call()
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        longest = max((len(m) for m in re.findall(r"\s+", text)), default=0)
+        raise ValueError(f"the tokenizer failed on this {len(text):,}-character text (its longest whitespace "
+                         f"run is {longest:,} characters; tiktoken: {e}); shorten it") from None
 
 
 def image_paths_in_ids(token_ids: Any, img_start_id: int) -> list[str]:

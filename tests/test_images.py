@@ -777,3 +777,13 @@ def test_hostile_strings_under_untrusted_never_touch_disk_or_network(text: str) 
                 load_image(source, UNTRUSTED)
             except ImageError:
                 pass
+
+
+def test_background_composites_transparency_for_qwen2_vl_and_empty_source_is_named():
+    """v1 drops alpha (its reference); Qwen2-VL's loader composites onto white, as transformers does."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(buf, "PNG")
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(buf.getvalue(), background=(255, 255, 255)).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ImageError, match="the source is empty"):
+        load_image("  ")

@@ -178,3 +178,20 @@ def test_user_text_cannot_inject_special_tokens(ours):
     specials = [i for i in ids if i in ours.id_to_special]
     assert len(specials) == 5   # <|im_start|>, <|im_end|> of the system and user turns + the generation prompt
     assert ours.token_id("<|image_pad|>") not in ids
+
+
+def test_bad_text_ids_and_message_shapes_are_clear_errors(ours):
+    with pytest.raises(ValueError, match="lone surrogate U\\+D800 at character 1"):
+        ours.encode_untrusted("a\ud800b")
+    with pytest.raises(ValueError, match="token ids must be ints, got 3.7"):   # was int(3.7) = 3, silently
+        ours.decode([3.7])
+    with pytest.raises(ValueError, match="token id -1 is not in the vocabulary"):
+        ours.decode([-1])
+    bad = [(["hi"], "message 0 must be a dict"),
+           ([{"role": "user", "content": ["hi"]}], "part 0: a content part must be a dict"),
+           ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "unknown content part"),
+           ([{"role": "user", "content": [{"type": "text", "txt": "hi"}]}], "unknown content part"),
+           ([{"role": "user", "content": [{"type": "text", "text": None}]}], "'text' must be a string")]
+    for messages, match in bad:                            # the template drops or str()s these silently
+        with pytest.raises(ValueError, match=match):
+            render_ids(messages, ours)

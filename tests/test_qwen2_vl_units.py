@@ -300,3 +300,46 @@ def test_qwen25_json_boxes_are_converted_explicitly():
     assert boxes == [PixelBox(322, 119, 644, 476, "cat"), PixelBox(0, 0, 10.5, 20, "dog")]
     assert bbox_2d_to_box(boxes[0], 644, 476) == Box(500, 250, 999, 999, "cat")
     assert parse_bbox_2d("no json here") == [] and parse_bbox_2d('{"bbox_2d": [1, 2, 3, 4]}') == [PixelBox(1, 2, 3, 4)]
+
+
+def test_bad_image_inputs_are_clear_errors_not_fallbacks():
+    img = Image.new("RGB", (40, 30))
+    with pytest.raises(ValueError, match=r"10000 wide and 2 high: its aspect ratio 5000.0 is more than 200"):
+        smart_resize(2, 10000)
+    with pytest.raises(ValueError, match="needs ints"):
+        smart_resize(float("nan"), 2)
+    with pytest.raises(ValueError, match="max_pixels=0"):          # 0 was silently the checkpoint default
+        preprocess_images([img], max_pixels=0)
+    with pytest.raises(ValueError, match="expected a PIL.Image, got str"):
+        preprocess_images(["x.png"])
+    with pytest.raises(ValueError, match="list of PIL images"):
+        preprocess_images(img)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fps": 0}, "fps must be a finite number > 0"), ({"fps": float("nan")}, "fps must be"),
+    ({"video_fps": 0}, "video_fps must be a finite number > 0"), ({"video_fps": -3}, "video_fps must be"),
+])
+def test_video_rates_must_be_positive(kwargs, match):
+    frames = [Image.new("RGB", (56, 56))] * 4
+    with pytest.raises(ValueError, match=match):
+        preprocess_video(frames, **{"video_fps": 2.0, **kwargs})
+
+
+def test_bad_videos_are_clear_errors(tmp_path):
+    frames = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (56, 56, 3), np.uint8)) for k in range(10)]
+    with pytest.raises(ValueError, match="frame 1 is 200x30 but frame 0 is 56x56"):   # was stretched silently
+        preprocess_video([frames[0], Image.new("RGB", (200, 30))], sample=False)
+    with pytest.raises(ValueError, match="1-frame video is too short to sample"):
+        preprocess_video(frames[:1], video_fps=2.0)
+    with pytest.raises(ValueError, match="cannot read video .*nope.gif: FileNotFoundError"):
+        preprocess_video(tmp_path / "nope.gif")
+    (tmp_path / "junk.gif").write_bytes(b"GIF89a junk")
+    with pytest.raises(ValueError, match="cannot read video .*junk.gif"):
+        preprocess_video(tmp_path / "junk.gif")
+    path = tmp_path / "clip.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    data = path.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(ValueError, match=r"frame \d+ of 10 is corrupt or truncated"):
+        preprocess_video(tmp_path / "cut.png")

@@ -245,3 +245,9 @@ def test_from_pretrained_reads_n_queries(tmp_path: Path) -> None:
     tok = QWenTokenizer.from_pretrained(tmp_path, trust_remote_code=True, padding_side="left")
     assert tok.image_span == 16 and tok.padding_side == "left"
     assert len(tok.image_placeholder()) == 18
+
+
+def test_huge_whitespace_run_is_a_value_error_not_a_panic(tok):
+    """tiktoken's regex overflows its stack on ~1e6 spaces and panics (a BaseException); now a ValueError."""
+    with pytest.raises(ValueError, match="longest whitespace run is 1,000,000 characters"):
+        tok.encode_untrusted(" " * 1_000_000)
