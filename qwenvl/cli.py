@@ -428,14 +428,18 @@ class Qwen2ChatSession(ChatSession):
 
 
 def _report_odd_boxes(response: str, fmt) -> None:
-    """Say which boxes of the answer are not drawn (malformed) or drawn clamped (outside [0, 1000))."""
-    from .grounding import NORM_MAX, format_box, malformed_boxes, parse_boxes
+    """Say which boxes of the answer are not drawn (malformed), drawn clamped (outside [0, 1000)) or drawn with
+    their corners swapped back (x1 > x2 or y1 > y2): what `parse_boxes` and `to_pixels` accept leniently."""
+    from .grounding import NORM_MAX, box_as_written, malformed_boxes, parse_boxes
 
     for body in malformed_boxes(response, fmt):
         print(f"(box {body!r} is not (x1,y1),(x2,y2) with integers in [0, 1000): not drawn)", file=sys.stderr)
     for box in parse_boxes(response, fmt):
         if max(box.x1, box.y1, box.x2, box.y2) > NORM_MAX:
-            print(f"(box {format_box(box, fmt)} has coordinates above {NORM_MAX}: drawn clamped to the picture)",
+            print(f"(box {box_as_written(box, fmt)} has coordinates above {NORM_MAX}: drawn clamped to the picture)",
+                  file=sys.stderr)
+        if box.x1 > box.x2 or box.y1 > box.y2:
+            print(f"(box {box_as_written(box, fmt)} has its corners swapped: drawn with x1 <= x2 and y1 <= y2)",
                   file=sys.stderr)
 
 

@@ -6,7 +6,9 @@ integers normalised to [0, 1000) (qwen_vl.md §7.7). Two families of functions l
 * the official helpers, with the official semantics and errors (`from_list_format`, `to_list_format`,
   `_fetch_latest_picture`, `_fetch_all_box_with_ref`, `draw_bbox_on_latest_picture`);
 * robust ones for model output and the API (`Box`, `parse_boxes` never raises, `format_box(es)`,
-  `strip_grounding`, `to_pixels` / `from_pixels`, `draw_boxes`).
+  `strip_grounding`, `to_pixels` / `from_pixels`, `draw_boxes`). Model output is read leniently
+  (`parse_boxes` keeps out-of-range boxes, `malformed_boxes` lists what it skips, `to_pixels` clamps);
+  boxes written into prompts are checked (`format_box` refuses what `from_list_format` refuses).
 
 Box syntax is chosen by `BoxFormat`: v1 (`BoxFormat.QWEN_VL`) and Qwen2-VL (`BoxFormat.QWEN2_VL`,
 `<|object_ref_start|>r<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, same [0, 1000) space;
@@ -95,7 +97,8 @@ def from_list_format(list_format: Iterable[dict[str, Any]]) -> str:
             if "ref" in ele:
                 check_text(f"list_format[{i}]['ref']", ele["ref"])
                 text += REF_START + ele["ref"] + REF_END
-            text += "".join(BOX_START + _coords_text(_checked_box(box, i)) + BOX_END for box in _boxes_of(ele, i))
+            text += "".join(BOX_START + _coords_text(_checked_box(box, f"list_format[{i}] box")) + BOX_END
+                            for box in _boxes_of(ele, i))
         else:
             raise ValueError(f"Unsupport element: {ele} (expected a dict with 'image', 'text' or 'box')")
     return text
@@ -126,13 +129,15 @@ def _is_list_like(value: Any) -> bool:
     return isinstance(value, Iterable) and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict))
 
 
-def _checked_box(box: Sequence[Any], i: int) -> Sequence[float]:
-    """A box of 4 real numbers in [0, 1000) with x1 <= x2 and y1 <= y2, or a ValueError naming it.
+def _checked_box(box: Sequence[Any], where: str) -> Sequence[float]:
+    """A box of 4 real numbers in [0, 1000) with x1 <= x2 and y1 <= y2, or a ValueError naming it after `where`.
 
     The model reads boxes only in that space (qwen_vl.md §7.7): pixel coordinates or swapped corners would be
-    written as they are and mean a different box. Convert pixels with `from_pixels`.
+    written as they are and mean a different box. Convert pixels with `from_pixels`. Example:
+    `_checked_box([0, 0, 1000, 5], "list_format[2] box")` -> "list_format[2] box list [0, 0, 1000, 5]:
+    coordinates must be in [0, 1000) ...".
     """
-    where = f"list_format[{i}] box {_short(box)}"
+    where = f"{where} {_short(box)}"
     if len(box) != 4:
         raise ValueError(f"a box needs exactly 4 numbers x1,y1,x2,y2, got {box!r}")
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
@@ -348,6 +353,18 @@ def format_box(box: Box, fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
     """`Box(1, 2, 3, 4, "dog")` -> `"<ref>dog</ref><box>(1,2),(3,4)</box>"` (no ref tag when ref is None).
 
     With `BoxFormat.QWEN2_VL`: `"<|object_ref_start|>dog<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"`.
+    This writes boxes INTO prompts, so like `from_list_format` it refuses non-finite, out-of-[0, 1000) or
+    swapped coordinates with a ValueError naming the box. To quote a parsed model box back as it was
+    written (possibly out of range), use `box_as_written`.
+    """
+    _checked_box((box.x1, box.y1, box.x2, box.y2), f"format_box: Box(ref={box.ref!r})")
+    return box_as_written(box, fmt)
+
+
+def box_as_written(box: Box, fmt: BoxFormat = BoxFormat.QWEN_VL) -> str:
+    """`box` in the text syntax of `fmt`, unchecked: for quoting model output back (e.g. in a warning).
+
+    Example: `box_as_written(Box(1000, 0, 2000, 5))` -> `"<box>(1000,0),(2000,5)</box>"` (`format_box` refuses it).
     """
     spec = _FORMATS[fmt]  # unknown formats fail here
     ref = spec.ref_tags[0] + box.ref + spec.ref_tags[1] if box.ref is not None else ""

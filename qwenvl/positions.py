@@ -1,7 +1,8 @@
 """Position ids for Qwen2-VL (pure functions): the LLM's M-RoPE ids and the ViT's 2-D rotary ids.
 
 Also the one helper that says how many placeholder tokens an image or video takes
-(`vision_token_counts`), shared by the chat renderer and the model's count check.
+(`vision_token_counts`), shared by the chat renderer and the model's count check, and `grid_rows`, the one
+reader (and checker) of grid_thw rows that every function here and the ViT go through.
 
 M-RoPE (qwen2_vl.md §6.1): every token has three ids (temporal, height, width). Text tokens get the same
 running id in all three rows; the tokens of an image/video with merged grid (t, h, w) get
@@ -17,7 +18,9 @@ rope_delta = max_id + 1 - n_real_tokens is kept per request by the caller.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,21 +28,48 @@ from torch import Tensor
 VIDEO_RULES = ("max_plus_one", "transformers5")
 
 
-def vision_token_counts(grid_thw: Tensor | Sequence[Sequence[int]] | None, merge_size: int = 2) -> list[int]:
+def vision_token_counts(grid_thw: Tensor | Sequence[Sequence[int]] | None, merge_size: int = 2,
+                        name: str = "grid_thw") -> list[int]:
     """Placeholder tokens per image/video: t·h·w / merge² for each grid row (h, w in patches).
 
-    Example: grids [[1, 8, 10], [2, 4, 4]] with merge 2 -> [20, 8].
+    Example: grids [[1, 8, 10], [2, 4, 4]] with merge 2 -> [20, 8]. Bad rows raise (see `grid_rows`).
+    """
+    return [t * h * w // merge_size ** 2 for t, h, w in grid_rows(grid_thw, merge_size, name)]
+
+
+def grid_rows(grid_thw: Tensor | Sequence[Sequence[int]] | None, merge_size: int = 2,
+              name: str = "grid_thw") -> list[tuple[int, int, int]]:
+    """The (t, h, w) rows of a grid_thw [n, 3], or a ValueError naming `name` and the bad row.
+
+    Every reader of grid_thw goes through here, so a row of 2 numbers or a 1-D grid is refused by name instead
+    of failing inside an unpack. Example: `grid_rows([[1, 8, 10]])` -> `[(1, 8, 10)]`; `grid_rows([[8, 10]])`
+    -> "grid_thw row 0 is [8, 10]: expected [t, h, w], 3 integers".
     """
     if grid_thw is None:
         return []
-    rows = grid_thw.tolist() if isinstance(grid_thw, Tensor) else [list(r) for r in grid_thw]
-    counts = []
-    for t, h, w in rows:
-        if t < 1 or h % merge_size or w % merge_size or h < 1 or w < 1:
-            raise ValueError(f"grid_thw row {(t, h, w)} is not valid for merge_size={merge_size} "
-                             "(t >= 1, h and w positive multiples of the merge size)")
-        counts.append(t * h * w // merge_size ** 2)
-    return counts
+    if isinstance(grid_thw, Tensor) and grid_thw.numel() and grid_thw.dim() != 2:
+        raise ValueError(f"{name} must have shape [n, 3] (one [t, h, w] row per image/video), "
+                         f"got shape {tuple(grid_thw.shape)}")
+    rows = grid_thw.tolist() if isinstance(grid_thw, Tensor) else grid_thw
+    if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+        raise ValueError(f"{name} must be a list of [t, h, w] rows or a [n, 3] tensor, got {rows!r:.80}")
+    return [_grid_row(row, k, merge_size, name) for k, row in enumerate(rows)]
+
+
+def _grid_row(row: Any, k: int, merge_size: int, name: str) -> tuple[int, int, int]:
+    """One checked row: 3 integers, t >= 1, h and w positive multiples of the merge size."""
+    values = row.tolist() if hasattr(row, "tolist") else row      # a tensor or numpy row -> Python numbers
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(_is_int(v) for v in values):
+        raise ValueError(f"{name} row {k} is {row!r:.80}: expected [t, h, w], 3 integers")
+    t, h, w = (int(v) for v in values)
+    if t < 1 or h % merge_size or w % merge_size or h < 1 or w < 1:
+        raise ValueError(f"{name} row {k} {(t, h, w)} is not valid for merge_size={merge_size} "
+                         "(t >= 1, h and w positive multiples of the merge size)")
+    return t, h, w
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def vision_position_ids(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
@@ -50,7 +80,7 @@ def vision_position_ids(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
     rows [0, 0, 1, 1, 0, 0, 1, 1], cols [0, 1, 0, 1, 2, 3, 2, 3].
     """
     out = []
-    for t, h, w in grid_thw.tolist():
+    for t, h, w in grid_rows(grid_thw, merge_size):
         m = merge_size
         rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)   # [bh, mh, bw, mw]
         cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
@@ -118,7 +148,8 @@ def get_rope_index(
         raise ValueError(f"{video_rule=} is not one of {VIDEO_RULES}")
     b, t = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    kinds = {image_token_id: _grid_list(image_grid_thw), video_token_id: _grid_list(video_grid_thw)}
+    kinds = {image_token_id: _grid_list(image_grid_thw, spatial_merge_size, "image_grid_thw"),
+             video_token_id: _grid_list(video_grid_thw, spatial_merge_size, "video_grid_thw")}
     position_ids = torch.zeros(3, b, t, dtype=torch.long)
     deltas = torch.zeros(b, dtype=torch.long)
     for row in range(b):
@@ -132,8 +163,8 @@ def get_rope_index(
     return position_ids.to(input_ids.device), deltas.to(input_ids.device)
 
 
-def _grid_list(grid_thw: Tensor | None) -> list[list[int]]:
-    return [] if grid_thw is None else [list(map(int, g)) for g in grid_thw.tolist()]
+def _grid_list(grid_thw: Tensor | None, merge_size: int, name: str) -> list[list[int]]:
+    return [list(row) for row in grid_rows(grid_thw, merge_size, name)]
 
 
 def decode_position_ids(next_position: Tensor, rope_delta: Tensor) -> Tensor:

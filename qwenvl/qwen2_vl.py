@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import KVCache
-from .positions import get_rope_index, vision_position_ids, vision_token_counts
+from .positions import get_rope_index, grid_rows, vision_position_ids, vision_token_counts
 from .qwen2_vl_config import Qwen2VLConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
 from .text import RMSNorm, apply_rope
 
@@ -158,14 +158,15 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
         cfg = self.config
-        n_expected = int(grid_thw.prod(-1).sum())
+        rows = grid_rows(grid_thw, cfg.spatial_merge_size)                              # [(t, h, w)] per image
+        n_expected = sum(t * h * w for t, h, w in rows)
         if pixel_patches.shape != (n_expected, cfg.patch_dim):
             raise ValueError(f"pixel_patches {tuple(pixel_patches.shape)} != (sum of t*h*w = {n_expected}, "
                              f"{cfg.patch_dim}) for grid_thw {grid_thw.tolist()}")
         x = self.patch_embed(pixel_patches)                                             # [N, E]
         pos = vision_position_ids(grid_thw, cfg.spatial_merge_size).to(x.device)        # [N, 2]
         rope = vision_rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
-        seg_lens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]           # one per frame
+        seg_lens = [h * w for t, h, w in rows for _ in range(t)]                        # one per frame
         for block in self.blocks:
             x = block(x, rope, seg_lens)
         return self.merger(x)                                                           # [M, C]
@@ -331,7 +332,7 @@ class Qwen2VL(nn.Module):
         where = input_ids == token_id                                                   # [B, T]
         n_tokens, n_features = int(where.sum()), 0 if features is None else features.shape[0]
         if grid_thw is not None:
-            n_grid = sum(vision_token_counts(grid_thw, self.config.vision.spatial_merge_size))
+            n_grid = sum(vision_token_counts(grid_thw, self.config.vision.spatial_merge_size, f"{kind}_grid_thw"))
             if n_grid != n_features:
                 raise ValueError(f"{kind}: {n_features=} != {n_grid=} tokens from {kind}_grid_thw")
         if n_tokens != n_features:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from .positions import vision_token_counts
+from .processor import _check_rate
 from .qwen2_tokenizer import Qwen2Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -31,12 +32,14 @@ def part_kind(part: dict[str, Any]) -> str:
     key; type == 'video' or a 'video' key; a 'text' key (a str). Example: {"image_url": ...} -> 'image'.
 
     The template silently drops any other part (e.g. {"type": "audio"} or {"type": "text", "txt": ...});
-    here that is a ValueError, so no part of a message is lost without a word."""
+    here that is a ValueError, so no part of a message is lost without a word. A video part's `fps`, if
+    given, must be a finite number > 0 (as `preprocess_video` requires)."""
     if not isinstance(part, dict):
         raise ValueError(f"a content part must be a dict like {{'type': 'text', 'text': ...}}, got {part!r:.80}")
     if part.get("type") == "image" or "image" in part or "image_url" in part:
         return "image"
     if part.get("type") == "video" or "video" in part:
+        _check_rate("a video part's 'fps'", part.get("fps"))   # qwen-vl-utils' per-video sampling rate
         return "video"
     if "text" in part:
         if not isinstance(part["text"], str):
@@ -108,8 +111,8 @@ def render_ids(messages: Sequence[dict[str, Any]], tokenizer: Qwen2Tokenizer,
     The k-th image part takes image_grid_thw[k] (t·h·w / merge² pads), likewise for videos. Example: one
     image with grid [1, 8, 10] -> 20 `<|image_pad|>` ids between `<|vision_start|>` and `<|vision_end|>`.
     """
-    counts = {"image": vision_token_counts(image_grid_thw, merge_size),
-              "video": vision_token_counts(video_grid_thw, merge_size)}
+    counts = {"image": vision_token_counts(image_grid_thw, merge_size, "image_grid_thw"),
+              "video": vision_token_counts(video_grid_thw, merge_size, "video_grid_thw")}
     encode = tokenizer.encode if trusted else tokenizer.encode_untrusted
     ids: list[int] = []
     used = {"image": 0, "video": 0}

@@ -98,11 +98,9 @@ def _as_id_list(token_ids: Any) -> list[int]:
     """Accept an int, a list/tuple of ints, or a 1-D tensor/array: `5 -> [5]`, `tensor([1, 2]) -> [1, 2]`."""
     if hasattr(token_ids, "tolist"):  # torch.Tensor / numpy array, without importing either
         token_ids = token_ids.tolist()
-    if isinstance(token_ids, int):
-        return [token_ids]
-    ids = list(token_ids)
-    if not all(isinstance(i, int) for i in ids):
-        raise TypeError(f"token ids must be ints (a flat sequence), got {ids[:5]!r}...")
+    ids = [token_ids] if not hasattr(token_ids, "__iter__") or isinstance(token_ids, (str, bytes)) else list(token_ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):  # True would decode as id 1
+        raise TypeError(f"token ids must be ints (a flat sequence), got {token_ids!r:.80}")
     return ids
 
 
@@ -248,9 +246,11 @@ class QWenTokenizer:
             names = [self._enc.decode_single_token_bytes(i).decode() for i in specials]
             raise SpecialTokenInImageSpan(f"special tokens {names} inside <img>..</img>; a path must be plain text")
         path = self._enc.decode_bytes(inner)
-        if len(path) > self.image_span:
+        if len(path) > self.image_span:  # the official check; the model's own limit is 2 bytes lower
             raise ValueError(
-                f"The content in <img>..</img> is too long: {len(path)} bytes > image_span {self.image_span}"
+                f"The content in <img>..</img> is too long: {len(path)} bytes > image_span {self.image_span} "
+                f"(path {path[:60].decode('utf-8', 'replace')!r}...; the model reads a path of at most "
+                f"image_span - 2 = {self.image_span - 2} bytes)"
             )
         pads = [self.img_pad_id] * (self.image_span - len(path))
         return [self.img_start_id, *path, *pads, self.img_end_id]

@@ -14,6 +14,7 @@ from qwenvl.grounding import (
     BoxFormat,
     _fetch_all_box_with_ref,
     _fetch_latest_picture,
+    box_as_written,
     draw_bbox_on_latest_picture,
     draw_boxes,
     format_box,
@@ -84,6 +85,29 @@ def test_format_box_and_round_trip() -> None:
     assert parse_boxes(format_boxes(boxes[:3]) + " then " + format_box(boxes[3])) == boxes
 
 
+@pytest.mark.parametrize("fmt", list(BoxFormat))
+@pytest.mark.parametrize("box, fragment", [
+    (Box(float("nan"), 0, 10, 10, "dog"), "format_box: Box(ref='dog') tuple (nan, 0, 10, 10): coordinates must be "
+                                          "finite numbers"),           # was "cannot convert float NaN to integer"
+    (Box(0, 0, 1000, 20), "format_box: Box(ref=None) tuple (0, 0, 1000, 20): coordinates must be in [0, 1000)"),
+    (Box(-5, 0, 10, 10), "tuple (-5, 0, 10, 10): coordinates must be in [0, 1000)"),
+    (Box(900, 2, 100, 4), "tuple (900, 2, 100, 4): needs x1 <= x2 and y1 <= y2"),
+])
+def test_format_box_refuses_what_from_list_format_refuses(fmt, box, fragment) -> None:
+    # format_box writes boxes into prompts (user input): it was writing "(0,0),(1000,20)" as it was.
+    with pytest.raises(ValueError) as info:
+        format_box(box, fmt)
+    assert fragment in str(info.value)
+    with pytest.raises(ValueError, match="coordinates|x1 <= x2"):
+        format_boxes([Box(1, 2, 3, 4), box], fmt)
+    assert box_as_written(Box(1000, 0, 2000, 5), fmt).count("(1000,0),(2000,5)") == 1   # quoting model output
+
+
+def test_parse_boxes_stays_lenient_on_out_of_range_model_output() -> None:
+    text = "<|box_start|>(1000,1000),(2000,2000)<|box_end|><|box_start|>(9,9),(1,1)<|box_end|>"
+    assert parse_boxes(text, BoxFormat.QWEN2_VL) == [Box(1000, 1000, 2000, 2000), Box(9, 9, 1, 1)]
+
+
 def test_format_matches_from_list_format() -> None:
     listed = from_list_format([{"ref": "击掌", "box": [[10, 20, 300, 400]]}])
     assert format_boxes([Box(10, 20, 300, 400, "击掌")]) == listed
@@ -97,7 +121,9 @@ def test_unknown_format_is_rejected() -> None:
 
 COORD = st.integers(0, 999)
 REF = st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="<>"), min_size=1, max_size=8)
-BOX = st.builds(Box, COORD, COORD, COORD, COORD, st.one_of(st.none(), REF.map(str.strip).filter(bool)))
+SPAN = st.tuples(COORD, COORD).map(sorted)  # format_box refuses swapped corners (x1 > x2): only ordered boxes
+BOX = st.builds(lambda xs, ys, ref: Box(xs[0], ys[0], xs[1], ys[1], ref), SPAN, SPAN,
+                st.one_of(st.none(), REF.map(str.strip).filter(bool)))
 
 
 @settings(max_examples=200, deadline=None)

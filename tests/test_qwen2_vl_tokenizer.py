@@ -195,3 +195,22 @@ def test_bad_text_ids_and_message_shapes_are_clear_errors(ours):
     for messages, match in bad:                            # the template drops or str()s these silently
         with pytest.raises(ValueError, match=match):
             render_ids(messages, ours)
+
+
+@pytest.mark.parametrize("fps", [0, -2.0, float("nan"), float("inf"), "2"])
+def test_a_video_parts_fps_is_checked_like_preprocess_video(ours, fps):
+    messages = [{"role": "user", "content": [{"type": "video", "video": "v.mp4", "fps": fps},
+                                             {"type": "text", "text": "what happens?"}]}]
+    with pytest.raises(ValueError) as info:                # was accepted (only the part was counted)
+        render_ids(messages, ours, None, [[2, 4, 4]])
+    assert f"message 0, part 0: a video part's 'fps' must be a finite number > 0, got {fps!r}" in str(info.value)
+    messages[0]["content"][0]["fps"] = 2.0                 # a valid fps (or none) renders as before
+    with_fps = render_ids(messages, ours, None, [[2, 4, 4]])
+    del messages[0]["content"][0]["fps"]
+    assert with_fps == render_ids(messages, ours, None, [[2, 4, 4]])
+
+
+def test_render_ids_names_a_malformed_grid_row(ours):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(ValueError, match=r"image_grid_thw row 0 is \[8, 10\]: expected \[t, h, w\]"):
+        render_ids(messages, ours, [[8, 10]])              # was "not enough values to unpack"

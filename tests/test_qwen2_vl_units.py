@@ -143,6 +143,26 @@ def test_vision_token_counts():
         vision_token_counts([[1, 3, 4]])
 
 
+@pytest.mark.parametrize("grid, fragment", [
+    ([[8, 10]], "grid_thw row 0 is [8, 10]: expected [t, h, w], 3 integers"),
+    ([[1, 2, 2], [1, 2, 2, 2]], "grid_thw row 1 is [1, 2, 2, 2]: expected [t, h, w]"),
+    ([[1, 2.0, 2]], "grid_thw row 0 is [1, 2.0, 2]: expected [t, h, w], 3 integers"),
+    (torch.tensor([[8, 10]]), "grid_thw row 0 is [8, 10]"),
+    (torch.tensor([1, 8, 10]), "grid_thw must have shape [n, 3] (one [t, h, w] row per image/video), got shape (3,)"),
+    (5, "grid_thw must be a list of [t, h, w] rows or a [n, 3] tensor, got 5"),
+])
+def test_malformed_grid_rows_are_named_by_every_reader(grid, fragment):
+    # Was "not enough values to unpack" (vision_token_counts, vision_position_ids) or an IndexError (get_rope_index).
+    with pytest.raises(ValueError) as info:
+        vision_token_counts(grid)
+    assert fragment in str(info.value)
+    if isinstance(grid, torch.Tensor):
+        with pytest.raises(ValueError, match=r"^grid_thw (row 0|must have shape)"):
+            vision_position_ids(grid)
+        with pytest.raises(ValueError, match=r"^image_grid_thw (row 0|must have shape)"):
+            get_rope_index(torch.tensor([[5, 5]]), grid, None, 5, 6)
+
+
 # ----------------------------------------------------------------------------------- frames
 
 
@@ -236,6 +256,8 @@ def test_feature_count_mismatch_is_a_clear_error():
               image_grid_thw=torch.tensor([[1, 4, 4]]))
     with pytest.raises(ValueError, match=r"pixel_patches \(15, 1176\)"):
         model.encode_vision(torch.randn(15, 1176), torch.tensor([[1, 4, 4]]))
+    with pytest.raises(ValueError, match=r"grid_thw row 0 is \[4, 4\]: expected \[t, h, w\]"):
+        model.encode_vision(torch.randn(16, 1176), torch.tensor([[4, 4]]))   # was "pixel_patches (16, 1176) != ..."
 
 
 def test_tied_head_shares_the_embedding():

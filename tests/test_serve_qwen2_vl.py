@@ -221,6 +221,22 @@ def test_cli_chat_with_an_image(model_dir, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_cli_draw_reports_odd_v2_boxes(model_dir, tmp_path, monkeypatch, capsys):
+    from qwenvl.cli import Qwen2ChatSession
+
+    answer = ("<|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,100),(1500,900)<|box_end|>"
+              " <|box_start|>(1,2),(3)<|box_end|>")
+    monkeypatch.setattr(Qwen2ChatSession, "_stream", lambda self, turn: answer)
+    out = tmp_path / "boxes.png"
+    argv = ["chat", "--model", str(model_dir), "--image", str(model_dir / "x.png"), "--dtype", "float32",
+            "--max-pixels", str(56 * 56), "--draw", str(out), "where is the cat?"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "(box '(1,2),(3)' is not (x1,y1),(x2,y2) with integers in [0, 1000): not drawn)" in err
+    assert ("(box <|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,100),(1500,900)<|box_end|> has "
+            "coordinates above 999: drawn clamped to the picture)") in err and out.is_file()
+
+
 def test_cli_bad_generation_config_is_named_before_any_question(model_dir, tmp_path, capsys):
     import shutil
 

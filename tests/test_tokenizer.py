@@ -152,6 +152,30 @@ def test_image_path_length_limit_matches_the_official_model(tok: QWenTokenizer) 
             tok.image_paths(ids)
 
 
+def test_over_long_image_path_is_a_value_error_naming_the_path_and_the_model_limit(tok: QWenTokenizer) -> None:
+    from qwenvl.grounding import from_list_format
+
+    path = "/data/" + "图" * 100 + ".png"                 # 310 UTF-8 bytes: past the official 256 check
+    for text in ("<img>" + path + "</img>", from_list_format([{"image": path}, {"text": "hi"}])):
+        with pytest.raises(ValueError) as info:
+            tok.encode(text)
+        message = str(info.value)
+        assert message.startswith("The content in <img>..</img> is too long: 310 bytes > image_span 256")
+        assert "'/data/图图" in message and "at most image_span - 2 = 254 bytes" in message
+
+
+@pytest.mark.parametrize("ids", [[-1], [9707, -5], torch.tensor([10**9]), [151860]])
+def test_decode_refuses_negative_and_out_of_range_ids(tok: QWenTokenizer, ids) -> None:
+    with pytest.raises(ValueError, match=r"token ids out of range \[0, 151860\)"):
+        tok.decode(ids)
+
+
+@pytest.mark.parametrize("ids", [[True], True, torch.tensor([True, False]), [[1, 2]], "ab"])
+def test_decode_refuses_ids_that_are_not_ints(tok: QWenTokenizer, ids) -> None:
+    with pytest.raises(TypeError, match="token ids must be ints"):   # True was decoded as id 1 ('"')
+        tok.decode(ids)
+
+
 def test_image_paths_rejects_unpaired_tags(tok: QWenTokenizer) -> None:
     with pytest.raises(ValueError, match="</img>"):
         tok.image_paths([tok.img_start_id, 97, tok.img_pad_id])
