@@ -54,7 +54,7 @@ from .tokenizer import QWenTokenizer
 from .train import (LossLog, adamw, atomic_torch_save, autocast, cosine_lr, plot_losses, resolve_train_dtype,
                     set_trainable)
 from .weights import (DTYPES, check_new_checkpoint_dir, load_config, load_generation_config, load_model,
-                      save_checkpoint, write_checkpoint)
+                      make_out_dir, save_checkpoint, write_checkpoint)
 
 METHODS = ("full", "lora", "qlora")
 PARTS = ("vit", "adapter", "llm")
@@ -505,14 +505,9 @@ def finetune(args: FinetuneArgs) -> dict:
 
 def prepare_out(out: Path, model: Path) -> None:
     """Create OUT before the model loads, or say why it cannot be the run's folder."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
-    if out.exists() and out.resolve() == model.resolve():
+    if out.is_dir() and out.resolve() == model.resolve():
         raise ValueError(f"--out {out} is the model folder: the result would overwrite its files")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror}: {e.filename})") from None
+    make_out_dir(out)
     if (out / FINISHED).is_file():
         raise ValueError(f"{out} already holds a finished run ({FINISHED}): choose another --out")
 

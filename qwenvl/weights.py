@@ -257,6 +257,17 @@ def check_new_checkpoint_dir(out: Path, source: Path) -> None:
         raise ValueError(f"--out {out}: cannot create the folder ({parent} is a file)")
 
 
+def make_out_dir(out: Path) -> None:
+    """Create an --out folder, or a ValueError saying why it cannot be one (a file, or a file on the way to it).
+    Example: make_out_dir(Path("notes.txt")) for an existing file -> "--out notes.txt is a file, not a folder ..."."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror}: {e.filename})") from None
+
+
 def atomic_write(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it over `path`: a reader sees the old file or
     the whole new one. The file gets the permissions of an ordinary new file (mkstemp's are owner-only)."""

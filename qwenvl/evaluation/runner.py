@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from ..weights import make_out_dir
 from .datasets import Sample
 from .jsonio import DataError, read_log
 from .tasks import Context, Task, answer_batch
@@ -112,16 +113,6 @@ def _read_run_json(path: Path) -> dict:
         raise DataError(f"{path} should hold a JSON object of run settings, got {type(old).__name__}: "
                         "use another --out, or delete the folder to start over")
     return old
-
-
-def make_out_dir(out_dir: Path) -> None:
-    """Create the output folder, or say why it cannot be one (a file, or a file on the way to it)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is a file, not a folder: choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise DataError(f"--out {out_dir}: cannot create the folder ({e.strerror}: {e.filename})") from None
 
 
 class Progress:
